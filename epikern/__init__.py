@@ -1,0 +1,23 @@
+"""epikern: fused kernels for token-level epistemic uncertainty of LLMs from draft models.
+
+    import epikern as ek
+    u = ek.draft_uncertainty(draft_logits, target_logits)   # u.eu, u.jsd, u.kl, ...
+"""
+
+from .backends import BackendUnavailableError
+from .ops import (
+    DraftUncertainty,
+    EnsembleUncertainty,
+    draft_uncertainty,
+    ensemble_uncertainty,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "DraftUncertainty",
+    "EnsembleUncertainty",
+    "draft_uncertainty",
+    "ensemble_uncertainty",
+]

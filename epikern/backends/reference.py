@@ -1,0 +1,159 @@
+"""Pure-PyTorch reference of every epikern op: the oracle for tests and the ``torch`` backend.
+
+Everything is computed in ``dtype`` (float64 for the oracle, float32 for the backend) with the
+numerics of SPEC §1: log-space mixtures, ``0·log 0 = 0``, ``−inf`` logits allowed, ``+inf`` where a
+distribution puts mass on a token the reference gives probability zero, NaN confined to its row.
+
+Notation (per row, vocabulary V, temperature T):
+    q_k = softmax(z_k / T)            draft k,  k = 1..K, weights w_k
+    q̄  = Σ_k w_k q_k                  mixture,  log q̄ = logsumexp_k(log w_k + log q_k)
+    p   = softmax(z_p / T)            reference (target or OSD proxy)
+    eu  = Σ_k w_k KL(q_k ‖ p) = jsd + kl
+    jsd = Σ_k w_k KL(q_k ‖ q̄),  kl = KL(q̄ ‖ p)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+#: Order of the rows of the packed ``stats`` tensor every backend writes.
+STATS = ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy")
+
+NAME = "torch"
+
+
+def check_available() -> None:
+    """The reference runs wherever PyTorch does."""
+
+
+def _plogq(p: Tensor, log_q: Tensor) -> Tensor:
+    """``p · log q`` with the convention ``0 · log 0 = 0`` (and ``0 · anything = 0``)."""
+    return torch.where(p > 0, p * log_q, torch.zeros((), dtype=p.dtype, device=p.device))
+
+
+def _weighted_sum(weights: Tensor, per_draft: Tensor) -> Tensor:
+    """``Σ_k w_k x_k`` over dim 0 where a zero weight silences its draft even if ``x_k = ±inf``."""
+    w = weights.reshape(-1, *([1] * (per_draft.dim() - 1)))
+    return _plogq(w.expand_as(per_draft), per_draft).sum(0)
+
+
+def draft_uncertainty(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    weights: Tensor,
+    temperature: float = 1.0,
+    decompose: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference of ``epikern::draft_uncertainty`` on flattened rows.
+
+    Args:
+        draft_logits: ``[K, N, V]`` logits of K drafts.
+        target_logits: ``[N, V]`` logits of the reference distribution p, or None.
+        weights: ``[K]`` non-negative mixture weights summing to 1.
+        temperature: T > 0; every distribution is ``softmax(z / T)``.
+        decompose: compute the mixture quantities (``jsd``, ``kl``, ``mixture_entropy``);
+            otherwise they are NaN.
+        dtype: accumulation dtype (float64 for the oracle).
+
+    Returns:
+        ``stats [6, N]`` in the order of :data:`STATS`, ``draft_lse [K, N]`` =
+        ``logsumexp(z_k / T)`` and ``target_lse [N]``, all in ``dtype``. Quantities that need the
+        target are NaN without it.
+    """
+    x = draft_logits.to(dtype) / temperature  # [K, N, V]
+    w = weights.to(dtype=dtype, device=x.device)
+    K, N, _ = x.shape
+    nan = torch.full((N,), float("nan"), dtype=dtype, device=x.device)
+
+    draft_lse = torch.logsumexp(x, dim=-1)  # [K, N]
+    log_q = x - draft_lse.unsqueeze(-1)
+    q = log_q.exp()
+    draft_entropy = _weighted_sum(w, -_plogq(q, log_q).sum(-1))
+
+    if target_logits is not None:
+        y = target_logits.to(dtype) / temperature  # [N, V]
+        target_lse = torch.logsumexp(y, dim=-1)
+        log_p = y - target_lse.unsqueeze(-1)
+        target_entropy = -_plogq(log_p.exp(), log_p).sum(-1)
+        # KL(q_k ‖ p) = Σ_v q_kv (log q_kv − log p_v); q_kv = 0 terms vanish, p_v = 0 gives +inf.
+        kl_to_target = _plogq(q, log_q - log_p).sum(-1)  # [K, N]
+        eu = _weighted_sum(w, kl_to_target)
+    else:
+        target_lse = target_entropy = eu = nan
+
+    if decompose:
+        log_w = w.log().reshape(K, 1, 1)
+        log_qbar = torch.logsumexp(log_w + log_q, dim=0)  # [N, V]
+        qbar = log_qbar.exp()
+        mixture_entropy = -_plogq(qbar, log_qbar).sum(-1)
+        jsd = _weighted_sum(w, _plogq(q, log_q - log_qbar).sum(-1))
+        kl = _plogq(qbar, log_qbar - log_p).sum(-1) if target_logits is not None else nan
+    else:
+        mixture_entropy = jsd = kl = nan
+
+    stats = torch.stack([eu, jsd, kl, draft_entropy, mixture_entropy, target_entropy])
+    return stats, draft_lse, target_lse
+
+
+def draft_uncertainty_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    weights: Tensor,
+    temperature: float,
+    decompose: bool,
+    stats: Tensor,
+    draft_lse: Tensor,
+    target_lse: Tensor,
+) -> None:
+    """Backend entry point: float32 accumulation, results written into the given outputs."""
+    s, d, t = draft_uncertainty(
+        draft_logits, target_logits, weights, temperature, decompose, dtype=torch.float32
+    )
+    stats.copy_(s)
+    draft_lse.copy_(d)
+    target_lse.copy_(t)
+
+
+def forward_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    labels: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    dtype: Optional[torch.dtype] = torch.float64,
+) -> Tensor:
+    """Reference forward KL ``KL(softmax(t/T) ‖ softmax(s/T))`` per row, differentiable in s.
+
+    No ``T²`` factor is applied. Rows whose label equals ``ignore_index`` are dropped; ``"mean"``
+    averages over the kept rows and is 0 when none is kept.
+
+    Args:
+        student_logits: ``[N, V]``.
+        teacher_logits: ``[N, V]``; ``−inf`` entries are tokens the teacher never emits.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``, dropped rows are 0).
+        labels: ``[N]`` integer labels or None (keep every row).
+        dtype: accumulation dtype, or None to keep the student's dtype.
+    """
+    s = student_logits if dtype is None else student_logits.to(dtype)
+    t = teacher_logits.to(s.dtype)
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    log_p = torch.log_softmax(t / temperature, dim=-1)
+    per_row = _plogq(log_p.exp(), log_p - log_q).sum(-1)
+    if labels is not None:
+        keep = labels != ignore_index
+        per_row = torch.where(keep, per_row, torch.zeros_like(per_row))
+        kept = keep.sum()
+    else:
+        kept = torch.tensor(per_row.shape[0], device=per_row.device)
+    if reduction == "none":
+        return per_row
+    if reduction == "sum":
+        return per_row.sum()
+    if reduction == "mean":
+        return per_row.sum() / kept.clamp(min=1).to(per_row.dtype)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")

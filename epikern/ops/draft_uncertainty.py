@@ -1,0 +1,190 @@
+"""``ek.draft_uncertainty`` and ``ek.ensemble_uncertainty``: token-level EU from K drafts.
+
+Per row (token position) with drafts ``q_k = softmax(z_k/T)``, weights ``w_k``, mixture
+``q̄ = Σ_k w_k q_k`` and reference ``p = softmax(z_p/T)``:
+
+    eu  = Σ_k w_k KL(q_k ‖ p)          = jsd + kl           (bias–variance identity, exact)
+    jsd = H(q̄) − Σ_k w_k H(q_k)        = Σ_k w_k KL(q_k ‖ q̄)   variance proxy
+    kl  = KL(q̄ ‖ p)                                         bias proxy
+
+``eu``, the entropies and the log-normalisers need one sweep over the vocabulary; only the split
+into ``jsd`` and ``kl`` (``decompose=True``) needs a second, because ``log q̄_v`` needs every
+draft's normaliser first. All backends write a packed ``stats [6, N]`` tensor (order
+:data:`epikern.backends.reference.STATS`), ``draft_lse [K, N]`` and ``target_lse [N]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import backends
+from ..backends.reference import STATS
+from . import _checks
+
+
+class DraftUncertainty(NamedTuple):
+    """float32 results of :func:`draft_uncertainty`, each shaped ``[*batch]`` unless noted (nats)."""
+
+    eu: Tensor  #: Σ_k w_k KL(q_k ‖ p); NaN without a target; +inf if p_v = 0 where some q_k,v > 0
+    jsd: Tensor  #: Σ_k w_k KL(q_k ‖ q̄); NaN when decompose=False
+    kl: Tensor  #: KL(q̄ ‖ p); NaN without a target or when decompose=False
+    draft_entropy: Tensor  #: Σ_k w_k H(q_k)
+    mixture_entropy: Tensor  #: H(q̄); NaN when decompose=False
+    target_entropy: Tensor  #: H(p); NaN without a target
+    draft_lse: Tensor  #: [K, *batch] logsumexp(z_k / T)
+    target_lse: Tensor  #: logsumexp(z_p / T); NaN without a target
+
+
+class EnsembleUncertainty(NamedTuple):
+    """float32 results of :func:`ensemble_uncertainty`, each shaped ``[*batch]`` (nats)."""
+
+    total: Tensor  #: H(p̄), entropy of the member average
+    aleatoric: Tensor  #: mean_m H(p_m)
+    epistemic: Tensor  #: total − aleatoric, the mutual information (computed without cancellation)
+
+
+@torch.library.custom_op("epikern::draft_uncertainty", mutates_args=())
+def _draft_uncertainty_op(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    weights: Tensor,
+    temperature: float,
+    decompose: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Packed op on flattened rows: ``draft [K, N, V]`` (unit stride over V), ``target [N, V]``."""
+    K, N, _ = draft_logits.shape
+    stats = draft_logits.new_empty((len(STATS), N), dtype=torch.float32)
+    draft_lse = draft_logits.new_empty((K, N), dtype=torch.float32)
+    target_lse = draft_logits.new_empty((N,), dtype=torch.float32)
+    backends.entry("draft_uncertainty", backend)(
+        draft_logits, target_logits, weights, temperature, decompose, stats, draft_lse, target_lse
+    )
+    return stats, draft_lse, target_lse
+
+
+@_draft_uncertainty_op.register_fake
+def _(draft_logits, target_logits, weights, temperature, decompose, backend):
+    K, N, _ = draft_logits.shape
+    return (
+        draft_logits.new_empty((len(STATS), N), dtype=torch.float32),
+        draft_logits.new_empty((K, N), dtype=torch.float32),
+        draft_logits.new_empty((N,), dtype=torch.float32),
+    )
+
+
+def draft_uncertainty(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor] = None,
+    *,
+    weights: Union[None, Sequence[float], Tensor] = None,
+    temperature: float = 1.0,
+    decompose: bool = True,
+    vocab_size: Optional[int] = None,
+    backend: Optional[str] = None,
+) -> DraftUncertainty:
+    """Token-level epistemic uncertainty of a target from K draft distributions.
+
+    Args:
+        draft_logits: ``[K, *batch, V]`` float32/float16/bfloat16 logits of K drafts. Any strides;
+            only a strided vocabulary dimension (or batch dims that cannot be merged) is copied.
+        target_logits: ``[*batch, V]`` logits of the reference p (the target, or an OSD proxy), or
+            None for a draft-only ensemble (then ``eu``, ``kl``, ``target_*`` are NaN).
+        weights: K non-negative mixture weights summing to 1 (default ``1/K`` each).
+        temperature: T > 0 applied to every distribution, ``softmax(z / T)``.
+        decompose: also split ``eu`` into ``jsd + kl`` (one more sweep over the vocabulary).
+        vocab_size: compare only the first ``vocab_size`` logits (padded vocabularies that differ).
+        backend: ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``; default by device, or the
+            ``EPIKERN_BACKEND`` environment variable.
+
+    Returns:
+        :class:`DraftUncertainty` of float32 tensors shaped ``[*batch]`` (``draft_lse``:
+        ``[K, *batch]``). ``−inf`` logits are tokens with probability 0. Where p gives a token
+        probability 0 that a draft does not, ``kl``/``eu`` are ``+inf``; a row whose logits are all
+        ``−inf`` or contain NaN yields NaN in that row only.
+    """
+    _checks.check_logits("draft_logits", draft_logits, min_dim=2)
+    K, *batch, V = draft_logits.shape
+    if K == 0:
+        raise ValueError(f"draft_logits needs at least one draft (K >= 1), got shape {tuple(draft_logits.shape)}")
+    if target_logits is not None:
+        _checks.check_logits("target_logits", target_logits, min_dim=1)
+        if target_logits.dim() != draft_logits.dim() - 1:
+            raise ValueError(
+                f"target_logits must have rank draft_logits.dim() - 1 = {draft_logits.dim() - 1} "
+                f"([*batch, V] for drafts [K, *batch, V]), got target {tuple(target_logits.shape)} "
+                f"and drafts {tuple(draft_logits.shape)}"
+            )
+        if list(target_logits.shape[:-1]) != batch:
+            raise ValueError(
+                f"batch shapes differ: drafts {tuple(draft_logits.shape)} vs target {tuple(target_logits.shape)}"
+            )
+    draft_logits, target_logits, V = _shared_vocab(draft_logits, target_logits, vocab_size)
+    device = _checks.check_same_device(draft_logits=draft_logits, target_logits=target_logits,
+                                       weights=weights if isinstance(weights, Tensor) and weights.device.type != "cpu" else None)
+    temperature = _checks.check_temperature(temperature)
+    w = _checks.uniform_or_checked_weights(weights, K, device)
+    name = backends.select("draft_uncertainty", device, backend)
+    _checks.check_reference_dtype(name, draft_logits=draft_logits, target_logits=target_logits)
+
+    N = math.prod(batch)
+    draft_rows = _checks.last_dim_contiguous(draft_logits.reshape(K, N, V))
+    target_rows = None if target_logits is None else _checks.last_dim_contiguous(target_logits.reshape(N, V))
+    if N == 0:
+        stats = draft_rows.new_empty((len(STATS), 0), dtype=torch.float32)
+        draft_lse = draft_rows.new_empty((K, 0), dtype=torch.float32)
+        target_lse = draft_rows.new_empty((0,), dtype=torch.float32)
+    else:
+        stats, draft_lse, target_lse = _draft_uncertainty_op(
+            draft_rows, target_rows, w, temperature, bool(decompose), name
+        )
+    stats = stats.reshape(len(STATS), *batch)
+    return DraftUncertainty(
+        *stats.unbind(0), draft_lse=draft_lse.reshape(K, *batch), target_lse=target_lse.reshape(batch)
+    )
+
+
+def _shared_vocab(draft: Tensor, target: Optional[Tensor], vocab_size: Optional[int]):
+    V = draft.shape[-1]
+    if vocab_size is not None:
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        sizes = [V] + ([] if target is None else [target.shape[-1]])
+        if min(sizes) < vocab_size:
+            raise ValueError(
+                f"vocab_size={vocab_size} exceeds the vocabulary of the logits "
+                f"(drafts {V}" + ("" if target is None else f", target {target.shape[-1]}") + ")"
+            )
+        draft = draft[..., :vocab_size]
+        target = None if target is None else target[..., :vocab_size]
+        V = vocab_size
+    elif target is not None and target.shape[-1] != V:
+        raise ValueError(
+            f"vocabulary mismatch: drafts have V={V}, target has V={target.shape[-1]}; "
+            "pass vocab_size= to compare the shared prefix of padded vocabularies"
+        )
+    if V == 0:
+        raise ValueError(f"the vocabulary is empty: drafts {tuple(draft.shape)}")
+    return draft, target, V
+
+
+def ensemble_uncertainty(
+    member_logits: Tensor,
+    *,
+    weights: Union[None, Sequence[float], Tensor] = None,
+    temperature: float = 1.0,
+    backend: Optional[str] = None,
+) -> EnsembleUncertainty:
+    """Total / aleatoric / epistemic uncertainty of an M-member ensemble (TokUR, ground truth).
+
+    ``member_logits [M, *batch, V]`` → ``total = H(p̄)``, ``aleatoric = Σ_m w_m H(p_m)``,
+    ``epistemic = Σ_m w_m KL(p_m ‖ p̄)`` (the mutual information), float32 ``[*batch]``. It is the
+    same fused kernel as :func:`draft_uncertainty` without a reference.
+    """
+    u = draft_uncertainty(member_logits, None, weights=weights, temperature=temperature,
+                          decompose=True, backend=backend)
+    return EnsembleUncertainty(total=u.mixture_entropy, aleatoric=u.draft_entropy, epistemic=u.jsd)
