@@ -21,3 +21,5 @@ __all__ = [
     "draft_uncertainty",
     "ensemble_uncertainty",
 ]
+from .ops import forward_kl, fused_linear_forward_kl  # noqa: E402
+__all__ += ["forward_kl", "fused_linear_forward_kl"]

@@ -157,3 +157,66 @@ def forward_kl(
     if reduction == "mean":
         return per_row.sum() / kept.clamp(min=1).to(per_row.dtype)
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+#: Elements per block of rows in the torch backend's forward-KL loops (bounds its temporaries).
+_FORWARD_KL_BLOCK = 1 << 22
+
+
+def _forward_kl_row_blocks(n: int, vocab: int):
+    step = max(1, _FORWARD_KL_BLOCK // max(vocab, 1))
+    return (slice(i, min(i + step, n)) for i in range(0, n, step))
+
+
+def forward_kl_out(
+    student: Tensor,
+    teacher: Tensor,
+    keep: Optional[Tensor],
+    temperature: float,
+    loss: Tensor,
+    student_lse: Tensor,
+    teacher_lse: Tensor,
+) -> None:
+    """Backend entry of ``epikern::forward_kl`` on ``[N, V]`` rows, in ``loss.dtype``.
+
+    Writes ``loss = KL(softmax(t/T) ‖ softmax(s/T))``, ``student_lse = logsumexp(s/T)`` and
+    ``teacher_lse = logsumexp(t/T)`` per row; rows with ``keep = False`` get zeros. Works on
+    blocks of rows so that no temporary is larger than about 2**22 elements.
+    """
+    dtype = loss.dtype
+    for rows in _forward_kl_row_blocks(student.shape[0], student.shape[1]):
+        x = student[rows].to(dtype) / temperature
+        y = teacher[rows].to(dtype) / temperature
+        ls, lt = torch.logsumexp(x, dim=-1), torch.logsumexp(y, dim=-1)
+        log_p = y - lt.unsqueeze(-1)
+        kl = _plogq(log_p.exp(), log_p - (x - ls.unsqueeze(-1))).sum(-1)
+        if keep is not None:
+            zero = torch.zeros((), dtype=dtype, device=kl.device)
+            k = keep[rows]
+            kl, ls, lt = (torch.where(k, v, zero) for v in (kl, ls, lt))
+        loss[rows] = kl
+        student_lse[rows] = ls
+        teacher_lse[rows] = lt
+
+
+def forward_kl_backward_out(
+    grad_loss: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    student_lse: Tensor,
+    teacher_lse: Tensor,
+    temperature: float,
+    grad_student: Tensor,
+) -> None:
+    """Backend entry of ``epikern::forward_kl_backward``: ``g_i (q_iv − p_iv) / T`` per element.
+
+    ``q = exp(s/T − student_lse)``, ``p = exp(t/T − teacher_lse)``; rows with ``g_i = 0`` are
+    zeros. ``grad_student`` (the student's dtype) may alias ``student``.
+    """
+    dtype = student_lse.dtype
+    for rows in _forward_kl_row_blocks(student.shape[0], student.shape[1]):
+        g = grad_loss[rows].to(dtype).unsqueeze(-1)
+        q = (student[rows].to(dtype) / temperature - student_lse[rows].unsqueeze(-1)).exp()
+        p = (teacher[rows].to(dtype) / temperature - teacher_lse[rows].unsqueeze(-1)).exp()
+        zero = torch.zeros((), dtype=dtype, device=g.device)
+        grad_student[rows] = torch.where(g != 0, (q - p) * (g / temperature), zero)
