@@ -30,8 +30,8 @@ def check_available() -> None:
 
 
 def _plogq(p: Tensor, log_q: Tensor) -> Tensor:
-    """``p · log q`` with the convention ``0 · log 0 = 0`` (and ``0 · anything = 0``)."""
-    return torch.where(p > 0, p * log_q, torch.zeros((), dtype=p.dtype, device=p.device))
+    """``p · log q`` with ``0 · log 0 = 0`` (and ``0 · anything = 0``); NaN in p propagates."""
+    return torch.where(p != 0, p * log_q, torch.zeros((), dtype=p.dtype, device=p.device))
 
 
 def _weighted_sum(weights: Tensor, per_draft: Tensor) -> Tensor:

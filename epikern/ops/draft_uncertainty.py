@@ -56,12 +56,18 @@ def _draft_uncertainty_op(
     decompose: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Packed op on flattened rows: ``draft [K, N, V]`` (unit stride over V), ``target [N, V]``."""
+    """Packed op on flattened rows: ``draft [K, N, V]`` (unit stride over V), ``target [N, V]``.
+
+    ``backend`` is a backend name or ``""`` for automatic selection; it is resolved here, at run
+    time, so that compiled graphs see one opaque call.
+    """
+    name = backends.select("draft_uncertainty", draft_logits.device, backend or None)
+    _checks.check_reference_dtype(name, draft_logits=draft_logits, target_logits=target_logits)
     K, N, _ = draft_logits.shape
     stats = draft_logits.new_empty((len(STATS), N), dtype=torch.float32)
     draft_lse = draft_logits.new_empty((K, N), dtype=torch.float32)
     target_lse = draft_logits.new_empty((N,), dtype=torch.float32)
-    backends.entry("draft_uncertainty", backend)(
+    backends.entry("draft_uncertainty", name)(
         draft_logits, target_logits, weights, temperature, decompose, stats, draft_lse, target_lse
     )
     return stats, draft_lse, target_lse
@@ -115,7 +121,7 @@ def draft_uncertainty(
         _checks.check_logits("target_logits", target_logits, min_dim=1)
         if target_logits.dim() != draft_logits.dim() - 1:
             raise ValueError(
-                f"target_logits must have rank draft_logits.dim() - 1 = {draft_logits.dim() - 1} "
+                f"target_logits must have rank {draft_logits.dim() - 1} "
                 f"([*batch, V] for drafts [K, *batch, V]), got target {tuple(target_logits.shape)} "
                 f"and drafts {tuple(draft_logits.shape)}"
             )
@@ -124,12 +130,12 @@ def draft_uncertainty(
                 f"batch shapes differ: drafts {tuple(draft_logits.shape)} vs target {tuple(target_logits.shape)}"
             )
     draft_logits, target_logits, V = _shared_vocab(draft_logits, target_logits, vocab_size)
+    # CPU weights are accepted for accelerator logits (copied); accelerator weights must match.
+    device_weights = weights if isinstance(weights, Tensor) and weights.device.type != "cpu" else None
     device = _checks.check_same_device(draft_logits=draft_logits, target_logits=target_logits,
-                                       weights=weights if isinstance(weights, Tensor) and weights.device.type != "cpu" else None)
+                                       weights=device_weights)
     temperature = _checks.check_temperature(temperature)
     w = _checks.uniform_or_checked_weights(weights, K, device)
-    name = backends.select("draft_uncertainty", device, backend)
-    _checks.check_reference_dtype(name, draft_logits=draft_logits, target_logits=target_logits)
 
     N = math.prod(batch)
     draft_rows = _checks.last_dim_contiguous(draft_logits.reshape(K, N, V))
@@ -140,7 +146,7 @@ def draft_uncertainty(
         target_lse = draft_rows.new_empty((0,), dtype=torch.float32)
     else:
         stats, draft_lse, target_lse = _draft_uncertainty_op(
-            draft_rows, target_rows, w, temperature, bool(decompose), name
+            draft_rows, target_rows, w, temperature, bool(decompose), backend or ""
         )
     stats = stats.reshape(len(STATS), *batch)
     return DraftUncertainty(
