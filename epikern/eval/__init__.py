@@ -1,0 +1,1 @@
+"""Evaluation: estimators, metrics, FLOPs/latency accounting and benchmarks."""
