@@ -1,0 +1,97 @@
+"""The DraftEnsemble KV cache: trunk KV stored once, branch KV once per draft (SPEC §4).
+
+:class:`DraftCache` is a ``transformers`` (5.x) :class:`~transformers.Cache` with one layer per
+decoder layer of the drafts. Each layer is a :class:`StackedKVLayer` whose keys and values are
+``[G, B, kv_heads, seq, head_dim]``: ``G = 1`` for the S shared trunk layers, ``G = K`` for the
+L − S branch layers, so the cache holds exactly ``S + K·(L − S)`` layers of KV. Everything the HF
+``Cache`` API offers acts on all drafts together: ``get_seq_length``, ``crop(-n)`` (speculative
+rollback), ``batch_select_indices``, ``reorder_cache``, ``batch_repeat_interleave``, ``reset``,
+``get_mask_sizes``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class StackedKVLayer(DynamicLayer):
+    """A growing KV layer for G groups: keys/values ``[G, B, kv_heads, seq, head_dim]``.
+
+    Sequence operations (``update``, ``crop``, ``get_seq_length``, ``get_mask_sizes``) are
+    inherited from :class:`~transformers.cache_utils.DynamicLayer`, which works on dim −2; the batch
+    operations are overridden to act on dim 1, the batch dim behind the group dim.
+    """
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.get_seq_length() > 0:
+            self.keys = self.keys.index_select(1, beam_idx.to(self.keys.device))
+            self.values = self.values.index_select(1, beam_idx.to(self.values.device))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.get_seq_length() > 0:
+            self.keys = self.keys.repeat_interleave(repeats, dim=1)
+            self.values = self.values.repeat_interleave(repeats, dim=1)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self.keys = self.keys[:, indices]
+            self.values = self.values[:, indices]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the live keys and values (0 before the first update)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+
+class DraftCache(Cache):
+    """KV cache of a :class:`~epikern.models.DraftEnsemble` (one object for all K drafts).
+
+    Args:
+        num_layers: L, decoder layers per draft.
+        num_drafts: K.
+        shared_layers: S, trunk layers (stored once); layers ``S..L-1`` are stored per draft.
+        batch_size: B, the batch this cache serves (checked by the ensemble on every call).
+    """
+
+    def __init__(self, num_layers: int, num_drafts: int, shared_layers: int, batch_size: int):
+        if not 0 <= shared_layers <= num_layers:
+            raise ValueError(f"shared_layers must be in [0, {num_layers}], got {shared_layers}")
+        if num_drafts < 1 or batch_size < 1:
+            raise ValueError(f"num_drafts and batch_size must be >= 1, got {num_drafts} and {batch_size}")
+        super().__init__(layers=[StackedKVLayer() for _ in range(num_layers)])
+        self.num_drafts, self.shared_layers = num_drafts, shared_layers
+        self._batch_size = batch_size
+
+    def layer_groups(self, layer_idx: int) -> int:
+        """G of layer ``layer_idx``: 1 for a trunk layer, K for a branch layer."""
+        return 1 if layer_idx < self.shared_layers else self.num_drafts
+
+    @property
+    def batch_size(self) -> int:
+        """B: the batch dim of the cached tensors, or the batch the cache was made for while empty."""
+        layer = self.layers[0]
+        return layer.keys.shape[1] if layer.get_seq_length() > 0 else self._batch_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all cached keys and values: ``(S + K·(L−S)) · 2 · B · kv_heads · seq · head_dim · itemsize``."""
+        return sum(layer.nbytes for layer in self.layers)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        """Keep only the batch rows ``indices`` (all drafts, all layers)."""
+        super().batch_select_indices(indices)
+        self._batch_size = torch.arange(self._batch_size)[torch.as_tensor(indices, device="cpu")].numel()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat every batch row ``repeats`` times (all drafts, all layers)."""
+        super().batch_repeat_interleave(repeats)
+        self._batch_size *= repeats
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch rows (beam search); the batch size becomes ``len(beam_idx)``."""
+        super().reorder_cache(beam_idx)
+        self._batch_size = int(beam_idx.numel())
