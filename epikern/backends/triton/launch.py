@@ -1,0 +1,90 @@
+"""Host side of the Triton ``draft_uncertainty``: pick a configuration, allocate the workspace of
+the split path, launch on the current stream of the tensors' device. No host synchronisation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import config
+from .row import draft_uncertainty_row_kernel
+from .split import split_finalize_kernel, split_mixture_kernel, split_states_kernel
+
+
+def interpreted() -> bool:
+    """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
+    return not hasattr(draft_uncertainty_row_kernel, "cache_key")
+
+
+def draft_uncertainty_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    weights: Tensor,
+    temperature: float,
+    decompose: bool,
+    stats: Tensor,
+    draft_lse: Tensor,
+    target_lse: Tensor,
+) -> None:
+    """Launch the row or split kernels (see :mod:`.config`) and write into the given outputs.
+
+    ``draft_logits [K, N, V]`` and ``target_logits [N, V]`` (fp32/fp16/bf16, unit stride on V, any
+    strides on K and N), ``weights [K]`` fp32; outputs ``stats [6, N]``, ``draft_lse [K, N]``,
+    ``target_lse [N]`` fp32 (written through contiguous temporaries when they are strided).
+    """
+    K, N, V = draft_logits.shape
+    cfg = config.choose(K, N, V, draft_logits.dtype)
+    outs = (stats, draft_lse, target_lse)
+    dense = tuple(o if o.is_contiguous() else torch.empty_like(o, memory_format=torch.contiguous_format)
+                  for o in outs)
+    has_target = target_logits is not None
+    target = target_logits if has_target else draft_logits
+    stride_tn = target_logits.stride(0) if has_target else 0
+    weights = weights.to(dtype=torch.float32).contiguous()
+    inv_temp = 1.0 / float(temperature)
+    sdk, sdn = draft_logits.stride(0), draft_logits.stride(1)
+    with torch.cuda.device(draft_logits.device) if draft_logits.is_cuda else _nullcontext():
+        if cfg.path == "row":
+            draft_uncertainty_row_kernel[(N,)](
+                draft_logits, target, weights, *dense, N, V, K, sdk, sdn, stride_tn, inv_temp,
+                K_PAD=cfg.k_pad, BLOCK_V=cfg.block_v, HAS_TARGET=has_target,
+                DECOMPOSE=bool(decompose), num_warps=cfg.num_warps)
+        else:
+            _split(cfg, draft_logits, target, weights, dense, has_target, bool(decompose),
+                   stride_tn, inv_temp)
+    for out, tmp in zip(outs, dense):
+        if out is not tmp:
+            out.copy_(tmp)
+
+
+def _split(cfg, draft, target, weights, dense, has_target, decompose, stride_tn, inv_temp):
+    K, N, V = draft.shape
+    C = cfg.chunks
+    chunk_v = cfg.chunk_size(V)
+    f32 = dict(dtype=torch.float32, device=draft.device)
+    ws_d = torch.empty((N, C, 4, cfg.k_pad), **f32)
+    ws_t = torch.empty((N, C, 4), **f32)
+    ws_m = torch.empty((N, C, 4), **f32) if decompose else ws_t
+    sdk, sdn = draft.stride(0), draft.stride(1)
+    grid = (N * C,)
+    split_states_kernel[grid](
+        draft, target, ws_d, ws_t, V, K, C, chunk_v, sdk, sdn, stride_tn, inv_temp,
+        K_PAD=cfg.k_pad, BLOCK_V=cfg.block_v, HAS_TARGET=has_target, num_warps=cfg.num_warps)
+    if decompose:
+        split_mixture_kernel[grid](
+            draft, target, weights, ws_d, ws_t, ws_m, N, V, K, C, chunk_v, sdk, sdn, stride_tn,
+            inv_temp, K_PAD=cfg.k_pad, BLOCK_V=cfg.block_v, CHUNK_BLOCK=cfg.chunk_block,
+            HAS_TARGET=has_target, num_warps=cfg.num_warps)
+    split_finalize_kernel[(N,)](
+        weights, ws_d, ws_t, ws_m, *dense, N, K, C, K_PAD=cfg.k_pad, CHUNK_BLOCK=cfg.chunk_block,
+        HAS_TARGET=has_target, DECOMPOSE=decompose, num_warps=config.FINALIZE_WARPS)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
