@@ -1,0 +1,281 @@
+// Fused CPU kernel of epikern::draft_uncertainty (math: epikern/online_softmax.h).
+//
+// Inputs: K draft rows and (optionally) one reference row per token, logits of dtype fp32, fp16
+// or bf16 read in place with unit stride over V and arbitrary (int64) strides over K and N.
+// Outputs, float32: stats[6, N] (eu, jsd, kl, draft_entropy, mixture_entropy, target_entropy),
+// draft_lse[K, N], target_lse[N].
+//
+// OpenMP over rows (schedule static: each row is computed by one thread in a fixed order, so the
+// results do not depend on the thread count). Per row:
+//   sweep 1: blocks of kBlock1 entries; each distribution's block is converted to fp32 · 1/T into
+//            an L1-resident buffer (with its block max), then one vectorised loop accumulates the
+//            online-softmax sums (s, t and the cross term c against the reference).
+//   sweep 2 (decompose only): re-reads the row (still in L2) in smaller blocks and accumulates
+//            Σ_v jsd, −q̄ log q̄ and q̄ (log q̄ − y + lse_p) with loops over k outside and v inside.
+// The kernel returns the number of logit elements it read: (K + has_p)·N·V per sweep.
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "dtype.h"
+#include "epikern/online_softmax.h"
+#include "fast_math.h"
+
+namespace py = pybind11;
+
+namespace epikern::cpu {
+namespace {
+
+constexpr int64_t kBlock1 = 2048;       // sweep-1 block (two 8 KiB buffers)
+constexpr int64_t kSweep2Floats = 8192;  // sweep-2 scratch budget (32 KiB): (2K + 5)·block floats
+
+struct FastExp {
+  float operator()(float x) const { return fast_exp(x); }
+};
+struct FastLog {
+  float operator()(float x) const { return fast_log(x); }
+};
+
+struct Args {
+  const void* draft;
+  int64_t K, N, V, draft_stride_k, draft_stride_n;
+  const void* target;  // nullptr: no reference
+  int64_t target_stride_n;
+  const float* weights;
+  float inv_temperature;
+  bool decompose;
+  float* stats;
+  int64_t stats_stride_row, stats_stride_n;
+  float* draft_lse;
+  int64_t draft_lse_stride_k, draft_lse_stride_n;
+  float* target_lse;
+  int64_t target_lse_stride_n;
+};
+
+// dst[i] = src[i] · inv_t for i < len; returns the max of dst (NaN ignored, −inf if none finite).
+template <class T>
+inline float load_scaled(const T* __restrict src, int64_t len, float inv_t, float* __restrict dst) {
+  float mx = -INFINITY;
+#pragma omp simd reduction(max : mx)
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = to_float(src[i]) * inv_t;
+    dst[i] = v;
+    mx = v > mx ? v : mx;
+  }
+  return mx;
+}
+
+// Adds a block x[0, len) to `st` (its cross term against y when kCross).
+template <bool kCross>
+inline void accumulate(SoftmaxState& st, float block_max, const float* __restrict x,
+                       const float* __restrict y, int64_t len) {
+  softmax_rescale(st, block_max, FastExp{});
+  const float r = exp_origin(st.m);
+  float s = 0.f, t = 0.f, c = 0.f;
+#pragma omp simd reduction(+ : s, t, c)
+  for (int64_t i = 0; i < len; ++i) {
+    const SoftmaxTerms d = softmax_terms(x[i], kCross ? y[i] : x[i], r, FastExp{});
+    s += d.e;
+    t += d.t;
+    if (kCross) c += d.c;
+  }
+  st.s += s;
+  st.t += t;
+  st.c += c;
+}
+
+// Per-thread scratch, sized once per call.
+struct Scratch {
+  std::vector<float> x, y;           // sweep 1: one draft block, the reference block
+  std::vector<float> l, e;           // sweep 2: K × block2 log-weights l_k and e^{l_k − r}
+  std::vector<float> r, S, J, lq;    // sweep 2: per entry origin, Σ e_k, Σ jsd terms, log q̄
+  std::vector<SoftmaxState> states;  // K drafts
+  std::vector<float> lse;            // K draft log-normalisers
+  Scratch(int64_t K, int64_t block2)
+      : x(kBlock1), y(std::max(kBlock1, block2)), l(K * block2), e(K * block2), r(block2),
+        S(block2), J(block2), lq(block2), states(K), lse(K) {}
+};
+
+template <class TD, class TP, bool kHasP>
+int64_t draft_uncertainty_row(const Args& a, int64_t n, int64_t block2,
+                              const std::vector<float>& log_w, Scratch& sc) {
+  const int64_t K = a.K, V = a.V;
+  const TD* draft = static_cast<const TD*>(a.draft) + n * a.draft_stride_n;
+  const TP* target = kHasP ? static_cast<const TP*>(a.target) + n * a.target_stride_n : nullptr;
+  const float inv_t = a.inv_temperature;
+  int64_t read = 0;
+
+  // Sweep 1: online softmax of every draft (with its cross term) and of the reference.
+  SoftmaxState sp = softmax_state_empty();
+  for (auto& st : sc.states) st = softmax_state_empty();
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock1) {
+    const int64_t len = std::min(kBlock1, V - v0);
+    if (kHasP) {
+      const float my = load_scaled(target + v0, len, inv_t, sc.y.data());
+      accumulate<false>(sp, my, sc.y.data(), sc.y.data(), len);
+      read += len;
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const float mx = load_scaled(draft + k * a.draft_stride_k + v0, len, inv_t, sc.x.data());
+      accumulate<kHasP>(sc.states[k], mx, sc.x.data(), sc.y.data(), len);
+      read += len;
+    }
+  }
+
+  const float nan = NAN;
+  const float lse_p = kHasP ? softmax_lse(sp) : nan;
+  float eu = 0.f, draft_entropy = 0.f;
+  for (int64_t k = 0; k < K; ++k) {
+    const SoftmaxState& st = sc.states[k];
+    const float lse = softmax_lse(st);
+    sc.lse[k] = lse;
+    a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse;
+    draft_entropy += prob_times(a.weights[k], softmax_entropy(st));
+    if (kHasP) eu += prob_times(a.weights[k], softmax_kl(st, lse, lse_p));
+  }
+
+  // Sweep 2: the mixture q̄ (log q̄ = logsumexp_k l_k) and the split of eu into jsd + kl.
+  float jsd = nan, mixture_entropy = nan, kl = nan;
+  if (a.decompose) {
+    jsd = mixture_entropy = kl = 0.f;
+    float* __restrict lb = sc.l.data();
+    float* __restrict eb = sc.e.data();
+    float* __restrict rb = sc.r.data();
+    float* __restrict Sb = sc.S.data();
+    float* __restrict Jb = sc.J.data();
+    float* __restrict lqb = sc.lq.data();
+    const float* __restrict yb = sc.y.data();
+    for (int64_t v0 = 0; v0 < V; v0 += block2) {
+      const int64_t len = std::min(block2, V - v0);
+      if (kHasP) {
+        load_scaled(target + v0, len, inv_t, sc.y.data());
+        read += len;
+      }
+      for (int64_t i = 0; i < len; ++i) rb[i] = -INFINITY;  // running max_k l_k
+      for (int64_t k = 0; k < K; ++k) {
+        const TD* src = draft + k * a.draft_stride_k + v0;
+        float* __restrict lk = lb + k * block2;
+        const float lw = log_w[k], lse = sc.lse[k];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float l = mixture_log_weight(lw, to_float(src[i]) * inv_t, lse);
+          lk[i] = l;
+          rb[i] = l > rb[i] ? l : rb[i];
+        }
+        read += len;
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) {
+        rb[i] = exp_origin(rb[i]);
+        Sb[i] = 0.f;
+        Jb[i] = 0.f;
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        const float* __restrict lk = lb + k * block2;
+        float* __restrict ek = eb + k * block2;
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) {
+          const float e = fast_exp(lk[i] - rb[i]);
+          ek[i] = e;
+          Sb[i] += e;
+        }
+      }
+#pragma omp simd
+      for (int64_t i = 0; i < len; ++i) lqb[i] = rb[i] + fast_log(Sb[i]);
+      for (int64_t k = 0; k < K; ++k) {
+        const float* __restrict lk = lb + k * block2;
+        const float* __restrict ek = eb + k * block2;
+        const float lw = log_w[k];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) Jb[i] += mixture_jsd_term(ek[i], lk[i], lw, lqb[i]);
+      }
+      float bj = 0.f, bh = 0.f, bk = 0.f;
+#pragma omp simd reduction(+ : bj, bh, bk)
+      for (int64_t i = 0; i < len; ++i) {
+        const MixtureTerms mt = mixture_finish(rb[i], Sb[i], Jb[i], lqb[i], kHasP,
+                                               kHasP ? yb[i] : 0.f, lse_p, FastExp{});
+        bj += mt.jsd;
+        bh += mt.entropy;
+        bk += mt.kl;
+      }
+      jsd += bj;
+      mixture_entropy += bh;
+      kl += bk;
+    }
+    if (!kHasP) kl = nan;
+  }
+
+  float* out = a.stats + n * a.stats_stride_n;
+  const int64_t rs = a.stats_stride_row;
+  out[0 * rs] = kHasP ? eu : nan;
+  out[1 * rs] = jsd;
+  out[2 * rs] = kl;
+  out[3 * rs] = draft_entropy;
+  out[4 * rs] = mixture_entropy;
+  out[5 * rs] = kHasP ? softmax_entropy(sp) : nan;
+  a.target_lse[n * a.target_lse_stride_n] = lse_p;
+  return read;
+}
+
+template <class TD, class TP, bool kHasP>
+int64_t draft_uncertainty_rows(const Args& a, int num_threads) {
+  // Sweep-2 block: (2K + 5) floats per entry in the scratch budget, a multiple of 64 entries.
+  const int64_t block2 = std::max<int64_t>(64, (kSweep2Floats / (2 * a.K + 5)) / 64 * 64);
+  std::vector<float> log_w(a.K);
+  for (int64_t k = 0; k < a.K; ++k) log_w[k] = std::log(a.weights[k]);
+  int64_t read = 0;
+#pragma omp parallel num_threads(num_threads) reduction(+ : read)
+  {
+    Scratch sc(a.K, block2);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < a.N; ++n)
+      read += draft_uncertainty_row<TD, TP, kHasP>(a, n, block2, log_w, sc);
+  }
+  return read;
+}
+
+int64_t draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t N, int64_t V,
+                          int64_t draft_stride_k, int64_t draft_stride_n, uintptr_t target,
+                          int target_dtype, int64_t target_stride_n, uintptr_t weights,
+                          double temperature, bool decompose, uintptr_t stats,
+                          int64_t stats_stride_row, int64_t stats_stride_n, uintptr_t draft_lse,
+                          int64_t draft_lse_stride_k, int64_t draft_lse_stride_n,
+                          uintptr_t target_lse, int64_t target_lse_stride_n, int num_threads) {
+  if (K < 1 || N < 0 || V < 1) throw std::invalid_argument("epikern._cpu.draft_uncertainty: bad K/N/V");
+  const Args a{reinterpret_cast<const void*>(draft), K, N, V, draft_stride_k, draft_stride_n,
+               reinterpret_cast<const void*>(target), target_stride_n,
+               reinterpret_cast<const float*>(weights), static_cast<float>(1.0 / temperature),
+               decompose, reinterpret_cast<float*>(stats), stats_stride_row, stats_stride_n,
+               reinterpret_cast<float*>(draft_lse), draft_lse_stride_k, draft_lse_stride_n,
+               reinterpret_cast<float*>(target_lse), target_lse_stride_n};
+  const int threads = std::max(1, num_threads);
+  return dispatch_dtype(draft_dtype, [&](auto td) -> int64_t {
+    using TD = decltype(td);
+    if (target == 0) return draft_uncertainty_rows<TD, TD, false>(a, threads);
+    return dispatch_dtype(target_dtype, [&](auto tp) -> int64_t {
+      return draft_uncertainty_rows<TD, decltype(tp), true>(a, threads);
+    });
+  });
+}
+
+}  // namespace
+
+void bind_draft_uncertainty(py::module_& m) {
+  m.def("draft_uncertainty", &draft_uncertainty, py::call_guard<py::gil_scoped_release>(),
+        py::arg("draft"), py::arg("draft_dtype"), py::arg("K"), py::arg("N"), py::arg("V"),
+        py::arg("draft_stride_k"), py::arg("draft_stride_n"), py::arg("target"),
+        py::arg("target_dtype"), py::arg("target_stride_n"), py::arg("weights"),
+        py::arg("temperature"), py::arg("decompose"), py::arg("stats"),
+        py::arg("stats_stride_row"), py::arg("stats_stride_n"), py::arg("draft_lse"),
+        py::arg("draft_lse_stride_k"), py::arg("draft_lse_stride_n"), py::arg("target_lse"),
+        py::arg("target_lse_stride_n"), py::arg("num_threads"),
+        "Fused draft_uncertainty over raw pointers (element strides; dtype codes 0 = float32, "
+        "1 = float16, 2 = bfloat16; target = 0 for none). Writes stats[6, N], draft_lse[K, N] and "
+        "target_lse[N] (float32) and returns the number of logit elements read: "
+        "(K + has_target)·N·V per sweep, one sweep more when decompose.");
+}
+
+}  // namespace epikern::cpu

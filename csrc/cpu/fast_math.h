@@ -1,0 +1,98 @@
+// Branch-free, vectorisable float routines for the CPU kernels: exp, log and the fp16/bf16 → fp32
+// conversions. Every function is a straight line of arithmetic, bit casts and selects, so gcc
+// vectorises loops that call them under `#pragma omp simd` (no libm call in the inner loops).
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+namespace epikern::cpu {
+
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// e^x with ~1 ulp error on [−87.3, 88.7] (Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, and the
+// degree-6 polynomial of Cephes expf). x < −87.3 (incl. −inf) → 0 (results that would be
+// denormal are flushed), x > 88.7 → +inf, NaN → NaN.
+inline float fast_exp(float x) {
+  constexpr float kLo = -87.33654475f;  // e^kLo = FLT_MIN
+  constexpr float kHi = 88.7228391f;    // e^kHi = FLT_MAX
+  const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);  // NaN passes through
+  const float kf = xc * 1.44269504088896341f + 12582912.f - 12582912.f;  // round to nearest
+  float r = xc - kf * 0.693359375f;   // ln2 split: hi part exact in 9 bits
+  r = r - kf * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  const int32_t k = static_cast<int32_t>(kf);
+  // 2^k split in two factors so that k = 127 + a little (x ≤ 88.72) stays finite.
+  const float s1 = bits_to_float(static_cast<uint32_t>(k / 2 + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(k - k / 2 + 127) << 23);
+  float y = p * s1 * s2;
+  y = x < kLo ? 0.f : y;
+  y = x > kHi ? std::numeric_limits<float>::infinity() : y;
+  return y;
+}
+
+// log x with ~1 ulp error for every positive float including denormals (Cephes logf polynomial).
+// log 0 = −inf, log(+inf) = +inf, log(x < 0) = NaN, log NaN = NaN.
+inline float fast_log(float x) {
+  const bool denormal = x < 1.17549435e-38f;
+  const float xs = denormal ? x * 8388608.f : x;  // 2^23 lifts denormals into the normal range
+  const uint32_t u = float_to_bits(xs);
+  float e = static_cast<float>(static_cast<int32_t>((u >> 23) & 0xffu) - 126) -
+            (denormal ? 23.f : 0.f);
+  float m = bits_to_float((u & 0x007fffffu) | 0x3f000000u);  // m ∈ [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.f : e;
+  m = small ? m + m - 1.f : m - 1.f;
+  const float z = m * m;
+  float p = 7.0376836292e-2f;
+  p = p * m - 1.1514610310e-1f;
+  p = p * m + 1.1676998740e-1f;
+  p = p * m - 1.2420140846e-1f;
+  p = p * m + 1.4249322787e-1f;
+  p = p * m - 1.6668057665e-1f;
+  p = p * m + 2.0000714765e-1f;
+  p = p * m - 2.4999993993e-1f;
+  p = p * m + 3.3333331174e-1f;
+  float y = p * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  y = m + y;
+  y += 0.693359375f * e;
+  y = x == 0.f ? -std::numeric_limits<float>::infinity() : y;
+  y = x == std::numeric_limits<float>::infinity() ? x : y;
+  y = (x < 0.f || x != x) ? std::numeric_limits<float>::quiet_NaN() : y;
+  return y;
+}
+
+// IEEE half → float, exact for normals, denormals, ±inf and NaN (bit manipulation; no F16C needed).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent + mantissa
+  // Rebias by a multiply: 2^112 = 2^(127 − 15); half denormals become exact float normals.
+  const float finite = bits_to_float(em) * 5.192296858534828e33f;
+  const float special = bits_to_float(em | 0x7f800000u);  // inf / NaN keep their mantissa
+  const float mag = em >= (0x7c00u << 13) ? special : finite;
+  return bits_to_float(float_to_bits(mag) | sign);
+}
+
+// bfloat16 → float: the upper 16 bits of a float.
+inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+
+}  // namespace epikern::cpu

@@ -1,0 +1,13 @@
+// epikern._cpu: the fused CPU kernels. One bind_* function per op source file.
+#include <pybind11/pybind11.h>
+
+namespace epikern::cpu {
+void bind_draft_uncertainty(pybind11::module_& m);
+void bind_test_hooks(pybind11::module_& m);
+}  // namespace epikern::cpu
+
+PYBIND11_MODULE(_cpu, m) {
+  m.doc() = "epikern fused CPU kernels (OpenMP over rows, vectorised inner loops)";
+  epikern::cpu::bind_draft_uncertainty(m);
+  epikern::cpu::bind_test_hooks(m);
+}
