@@ -30,7 +30,6 @@ student_lse, teacher_lse, temperature, grad_student)``; ``grad_student`` may ali
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -42,6 +41,14 @@ from . import _checks
 _REDUCTIONS = ("mean", "sum", "none")
 #: Elements of one ``[chunk, V]`` block of student logits in the fused-linear op (32 MiB fp32).
 _CHUNK_ELEMENTS = 1 << 23
+
+
+def _entry(op: str, backend: str, **tensors: Tensor):
+    """Entry point of ``op`` in ``backend`` (``""``: automatic for the tensors' device)."""
+    first = next(iter(tensors.values()))
+    name = backends.select(op, first.device, backend or None)
+    _checks.check_reference_dtype(name, **tensors)
+    return backends.entry(op, name)
 
 
 def _loss_dtype(x: Tensor) -> torch.dtype:
@@ -61,12 +68,15 @@ def _row_stats(like: Tensor, n: int, dtype: torch.dtype) -> tuple[Tensor, Tensor
 def _forward_kl_op(
     student: Tensor, teacher: Tensor, keep: Optional[Tensor], temperature: float, backend: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-row ``KL(p ‖ q)`` and both log-normalisers of ``[N, V]`` logits (0 where not kept)."""
+    """Per-row ``KL(p ‖ q)`` and both log-normalisers of ``[N, V]`` logits (0 where not kept).
+
+    ``backend`` is a backend name or ``""`` (automatic); it is resolved here, at run time, so that
+    compiled graphs see one opaque call.
+    """
+    fwd = _entry("forward_kl", backend, student=student, teacher=teacher)
     loss, student_lse, teacher_lse = _row_stats(student, student.shape[0], _loss_dtype(student))
     if student.shape[0] > 0:
-        backends.entry("forward_kl", backend)(
-            student, teacher, keep, temperature, loss, student_lse, teacher_lse
-        )
+        fwd(student, teacher, keep, temperature, loss, student_lse, teacher_lse)
     return loss, student_lse, teacher_lse
 
 
@@ -86,11 +96,10 @@ def _forward_kl_backward_op(
     backend: str,
 ) -> Tensor:
     """``grad_student[i, v] = grad_loss[i] · (q_iv − p_iv) / T`` (zeros where ``grad_loss = 0``)."""
+    bwd = _entry("forward_kl_backward", backend, student=student, teacher=teacher)
     grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
     if student.shape[0] > 0:
-        backends.entry("forward_kl_backward", backend)(
-            grad_loss, student, teacher, student_lse, teacher_lse, temperature, grad_student
-        )
+        bwd(grad_loss, student, teacher, student_lse, teacher_lse, temperature, grad_student)
     return grad_student
 
 
@@ -146,9 +155,9 @@ def _fused_linear_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``forward_kl`` of ``hidden [N, d] @ weight[V, d].T`` against ``teacher [N, V]``, chunked."""
+    fwd = _entry("forward_kl", backend, student_hidden=hidden, teacher_logits=teacher)
     N = hidden.shape[0]
     loss, student_lse, teacher_lse = _row_stats(hidden, N, _loss_dtype(hidden))
-    fwd = backends.entry("forward_kl", backend)
     for start in range(0, N, chunk_rows):
         rows = slice(start, min(start + chunk_rows, N))
         logits = hidden[rows] @ weight.t()
@@ -183,8 +192,8 @@ def _fused_linear_backward_op(
     accumulated across chunks in float32 (for fp16/bf16 weights each chunk's product is one GEMM
     with fp32 accumulation inside, rounded once before it is added).
     """
+    bwd = _entry("forward_kl_backward", backend, student_hidden=hidden, teacher_logits=teacher)
     N = hidden.shape[0]
-    bwd = backends.entry("forward_kl_backward", backend)
     grad_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,))
     grad_weight32 = (
         torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
@@ -290,15 +299,12 @@ def forward_kl(
     _check_reduction(reduction)
     batch = student_logits.shape[:-1]
     keep = _keep_rows(labels, ignore_index, batch)
-    device = _checks.check_same_device(student_logits=student_logits,
-                                       teacher_logits=teacher_logits, labels=labels)
-    name = backends.select("forward_kl", device, backend)
-    _checks.check_reference_dtype(name, student_logits=student_logits,
-                                  teacher_logits=teacher_logits)
+    _checks.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits,
+                              labels=labels)
     V = student_logits.shape[-1]
     student = _checks.last_dim_contiguous(student_logits.reshape(-1, V))
     teacher = _checks.last_dim_contiguous(teacher_logits.reshape(-1, V))
-    per_row, _, _ = _forward_kl_op(student, teacher, keep, temperature, name)
+    per_row, _, _ = _forward_kl_op(student, teacher, keep, temperature, backend or "")
     return _reduce(per_row.reshape(batch), keep, reduction)
 
 
@@ -359,13 +365,8 @@ def fused_linear_forward_kl(
     _check_reduction(reduction)
     batch = student_hidden.shape[:-1]
     keep = _keep_rows(labels, ignore_index, batch)
-    device = _checks.check_same_device(student_hidden=student_hidden,
-                                       lm_head_weight=lm_head_weight,
-                                       teacher_logits=teacher_logits, labels=labels)
-    name = backends.select("forward_kl", device, backend)
-    backends.entry("forward_kl_backward", name)
-    _checks.check_reference_dtype(name, student_hidden=student_hidden,
-                                  teacher_logits=teacher_logits)
+    _checks.check_same_device(student_hidden=student_hidden, lm_head_weight=lm_head_weight,
+                              teacher_logits=teacher_logits, labels=labels)
     V, d = lm_head_weight.shape
     hidden = student_hidden.reshape(-1, d)
     teacher = _checks.last_dim_contiguous(teacher_logits.reshape(-1, V))
@@ -374,7 +375,7 @@ def fused_linear_forward_kl(
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
     per_row, _, _ = _fused_linear_op(hidden, lm_head_weight, teacher, keep, temperature,
-                                     chunk_rows, name)
+                                     chunk_rows, backend or "")
     return _reduce(per_row.reshape(batch), keep, reduction)
 
 
