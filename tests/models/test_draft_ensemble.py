@@ -1,0 +1,178 @@
+"""DraftEnsemble against K separate HF models, the cache contract, construction and persistence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from epikern.models import DraftCache, DraftEnsemble
+from .helpers import drafts_sharing_trunk, hf_caches, hf_forward, tiny_model
+
+ATOL = 1e-5
+
+
+def _inputs(vocab, batch, length, left_pad, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, n in enumerate(left_pad):
+        mask[b, :n] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("arch,num_drafts,shared,left_pad", [
+    ("llama", 3, 0, (0, 0)),
+    ("llama", 2, 2, (0, 3)),
+    ("llama", 2, 4, (2, 0)),
+    ("qwen2", 2, 1, (0, 2)),
+    ("mistral", 2, 1, (0, 2)),   # sliding window 6 < 7 + 22 tokens
+])
+def test_matches_separate_hf_models(arch, num_drafts, shared, left_pad):
+    models = drafts_sharing_trunk(tiny_model(arch), num_drafts, shared)
+    ens = DraftEnsemble.from_models(models, shared_layers=shared)
+    V = ens.vocab_size
+    ids, mask = _inputs(V, 2, 7, left_pad)
+    padded = any(left_pad)
+    cache, caches = ens.new_cache(2), hf_caches(models)
+    out = ens(ids, mask if padded else None, cache)
+    ref = torch.stack([hf_forward(m, ids, mask if padded else None, c) for m, c in zip(models, caches)])
+    real = mask.bool()
+    assert out.shape == (num_drafts, 2, 7, V)
+    torch.testing.assert_close(out[:, real], ref[:, real], atol=ATOL, rtol=0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(22):
+        nxt = torch.randint(0, V, (2, 1), generator=gen)
+        mask = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        out = ens(nxt, mask if padded else None, cache)
+        ref = torch.stack([hf_forward(m, nxt, mask if padded else None, c) for m, c in zip(models, caches)])
+        torch.testing.assert_close(out, ref, atol=ATOL, rtol=0)
+    assert cache.get_seq_length() == 29
+
+
+@pytest.mark.parametrize("shared", [0, 1, 3, 4])
+def test_cache_holds_trunk_once_and_branches_per_draft(shared):
+    K, B, P = 3, 2, 9
+    models = drafts_sharing_trunk(tiny_model(), K, shared)
+    ens = DraftEnsemble.from_models(models, shared_layers=shared)
+    cfg = models[0].config
+    ids, _ = _inputs(cfg.vocab_size, B, P, (0, 0))
+    cache, caches = ens.new_cache(B), hf_caches(models)
+    assert ens.cache_nbytes(cache) == 0
+    ens(ids, None, cache)
+    for m, c in zip(models, caches):
+        hf_forward(m, ids, None, c)
+    L = cfg.num_hidden_layers
+    one_layer = 2 * B * cfg.num_key_value_heads * P * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    assert ens.cache_nbytes(cache) == (shared + K * (L - shared)) * one_layer
+    hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for c in caches for layer in c.layers)
+    assert hf_bytes == K * L * one_layer
+
+
+def test_crop_then_redecode_equals_fresh_run():
+    K, S = 3, 2
+    ens = DraftEnsemble.from_models(drafts_sharing_trunk(tiny_model(), K, S), shared_layers=S)
+    V = ens.vocab_size
+    ids, mask = _inputs(V, 2, 12, (0, 2))
+    cache = ens.new_cache(2)
+    ens(ids[:, :6], mask[:, :6], cache)
+    for t in range(6, 10):
+        ens(ids[:, t:t + 1], mask[:, :t + 1], cache)
+    cache.crop(-3)                                   # reject 3 speculated tokens
+    assert cache.get_seq_length() == 7
+    redo = ens(ids[:, 7:10], mask[:, :10], cache)    # verify a 3-token chunk at once
+    last = ens(ids[:, 10:12], mask[:, :12], cache)
+    fresh = ens(ids, mask)
+    torch.testing.assert_close(redo, fresh[:, :, 7:10], atol=ATOL, rtol=0)
+    torch.testing.assert_close(last, fresh[:, :, 10:12], atol=ATOL, rtol=0)
+
+
+def test_batch_select_reorder_and_repeat_follow_hf_conventions():
+    K, S = 2, 1
+    ens = DraftEnsemble.from_models(drafts_sharing_trunk(tiny_model(), K, S), shared_layers=S)
+    ids, mask = _inputs(ens.vocab_size, 3, 8, (0, 3, 1))
+    cache = ens.new_cache(3)
+    ens(ids[:, :7], mask[:, :7], cache)
+    keep = torch.tensor([2, 0])
+    cache.batch_select_indices(keep)
+    assert cache.batch_size == 2
+    step = ens(ids[keep, 7:], mask[keep], cache)
+    torch.testing.assert_close(step, ens(ids[keep], mask[keep])[:, :, 7:], atol=ATOL, rtol=0)
+
+    cache = ens.new_cache(3)
+    ens(ids[:, :7], mask[:, :7], cache)
+    order = torch.tensor([1, 1, 0])
+    cache.reorder_cache(order)
+    step = ens(ids[order, 7:], mask[order], cache)
+    torch.testing.assert_close(step, ens(ids[order], mask[order])[:, :, 7:], atol=ATOL, rtol=0)
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_size == 6 and cache.layers[-1].keys.shape[:2] == (K, 6)
+
+
+def test_uncached_forward_logits_to_keep_and_errors():
+    ens = DraftEnsemble.from_models(drafts_sharing_trunk(tiny_model(), 2, 1), shared_layers=1)
+    ids, mask = _inputs(ens.vocab_size, 2, 5, (0, 1))
+    full = ens(ids, mask)
+    torch.testing.assert_close(ens(ids, mask, logits_to_keep=2), full[:, :, -2:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[batch, past \+ new tokens\] = \[2, 5\]"):
+        ens(ids, mask[:, :4])
+    with pytest.raises(ValueError, match="does not match this ensemble"):
+        ens(ids, mask, ens.new_cache(3))
+    with pytest.raises(TypeError, match="DraftCache"):
+        ens(ids, mask, object())
+    with pytest.raises(ValueError, match="shared_layers must be in"):
+        DraftCache(4, 2, 5, 1)
+
+
+def test_from_models_names_first_differing_shared_tensor():
+    base = tiny_model()
+    models = drafts_sharing_trunk(base, 2, 3)
+    with torch.no_grad():
+        models[1].get_decoder().layers[1].self_attn.k_proj.weight.add_(1e-3)
+    DraftEnsemble.from_models(models, shared_layers=1)
+    with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.k_proj\.weight' differs between model 1"):
+        DraftEnsemble.from_models(models, shared_layers=3)
+    with torch.no_grad():
+        models[1].get_decoder().embed_tokens.weight[0, 0] += 1
+    with pytest.raises(ValueError, match=r"'model\.embed_tokens\.weight' differs"):
+        DraftEnsemble.from_models(models, shared_layers=0)
+    with pytest.raises(ValueError, match=r"config\.hidden_size"):
+        DraftEnsemble.from_models([base, tiny_model(hidden_size=32)], shared_layers=0)
+
+
+def test_from_base_clones_and_jitters_branches_only():
+    base = tiny_model()
+    ids, _ = _inputs(base.config.vocab_size, 2, 6, (0, 0))
+    ref = hf_forward(base, ids, None, None)
+    clones = DraftEnsemble.from_base(base, num_drafts=3, shared_layers=2)
+    torch.testing.assert_close(clones(ids), ref.expand(3, -1, -1, -1), atol=ATOL, rtol=0)
+    a = DraftEnsemble.from_base(base, num_drafts=3, shared_layers=2, seed=7, jitter=0.05)
+    b = DraftEnsemble.from_base(base, num_drafts=3, shared_layers=2, seed=7, jitter=0.05)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    for p, q in zip(a.trunk_parameters(), clones.trunk_parameters()):
+        assert torch.equal(p, q)
+    head = a.lm_head_weight
+    assert not torch.equal(head[0], head[1]) and not torch.equal(head[0], clones.lm_head_weight[0])
+    n_all = sum(p.numel() for p in a.parameters())
+    assert n_all == sum(p.numel() for p in a.trunk_parameters()) + sum(p.numel() for p in a.branch_parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_save_load_round_trip_stores_trunk_once(tmp_path, arch):
+    K, S = 3, 2
+    ens = DraftEnsemble.from_base(tiny_model(arch), num_drafts=K, shared_layers=S, seed=3, jitter=0.1)
+    ens.save_pretrained(str(tmp_path))
+    meta = json.loads((tmp_path / "draft_ensemble.json").read_text())
+    assert (meta["num_drafts"], meta["shared_layers"], meta["config"]["model_type"]) == (K, S, arch)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        groups = {k: f.get_slice(k).get_shape()[0] for k in f.keys() if k.startswith("layers.")}
+    for key, g in groups.items():
+        assert g == (1 if int(key.split(".")[1]) < S else K), key
+    loaded = DraftEnsemble.from_pretrained(str(tmp_path))
+    assert (loaded.num_drafts, loaded.shared_layers, loaded.vocab_size) == (K, S, ens.vocab_size)
+    ids, mask = _inputs(ens.vocab_size, 2, 5, (1, 0))
+    assert torch.equal(loaded(ids, mask), ens(ids, mask))
+    assert loaded.biases == ens.biases
