@@ -2,5 +2,6 @@
 
 from .cache import DraftCache, StackedKVLayer
 from .draft_ensemble import DraftEnsemble
+from .estimator import DraftEstimator, GenerationResult
 
-__all__ = ["DraftCache", "DraftEnsemble", "StackedKVLayer"]
+__all__ = ["DraftCache", "DraftEnsemble", "DraftEstimator", "GenerationResult", "StackedKVLayer"]
