@@ -98,3 +98,81 @@ def draft_uncertainty_out(
     """Backend entry point of ``epikern::draft_uncertainty`` (contract: epikern/backends/__init__)."""
     draft_uncertainty_raw(draft_logits, target_logits, weights, temperature, decompose,
                           stats, draft_lse, target_lse)
+
+
+# --- forward_kl (issue 5) -------------------------------------------------------------------------
+
+def _rows_with_unit_stride(name: str, x: Tensor) -> None:
+    if x.dim() != 2 or (x.stride(1) != 1 and x.shape[1] > 1):
+        raise ValueError(f"{name} must be [N, V] with unit stride over V, got shape "
+                         f"{tuple(x.shape)} and strides {x.stride()}")
+
+
+def _float32_vector(name: str, x: Tensor, n: int) -> None:
+    if x.dtype != torch.float32 or x.shape != (n,) or (n > 1 and x.stride(0) != 1):
+        raise TypeError(f"{name} must be a contiguous float32 [{n}] tensor, got {x.dtype} "
+                        f"{tuple(x.shape)} with strides {x.stride()}")
+
+
+def forward_kl_out(
+    student: Tensor,
+    teacher: Tensor,
+    keep: Optional[Tensor],
+    temperature: float,
+    loss: Tensor,
+    student_lse: Tensor,
+    teacher_lse: Tensor,
+) -> None:
+    """Backend entry of ``epikern::forward_kl``: ``[N, V]`` fp32/fp16/bf16 rows → float32 ``[N]``.
+
+    ``loss = KL(softmax(t/T) ‖ softmax(s/T))``, ``student_lse``, ``teacher_lse`` per row (zeros
+    where ``keep [N]`` (bool) is False; rows not kept are not read).
+    """
+    check_available()
+    N, V = student.shape
+    _rows_with_unit_stride("student", student)
+    _rows_with_unit_stride("teacher", teacher)
+    for name, out in (("loss", loss), ("student_lse", student_lse), ("teacher_lse", teacher_lse)):
+        _float32_vector(name, out, N)
+    if keep is not None:
+        keep = keep.to(torch.bool).contiguous()
+    _cpu.forward_kl(
+        student.data_ptr(), _dtype_code("student", student), student.stride(0),
+        teacher.data_ptr(), _dtype_code("teacher", teacher), teacher.stride(0), N, V,
+        0 if keep is None else keep.data_ptr(), float(temperature),
+        loss.data_ptr(), student_lse.data_ptr(), teacher_lse.data_ptr(), torch.get_num_threads(),
+    )
+
+
+def forward_kl_backward_out(
+    grad_loss: Tensor,
+    student: Tensor,
+    teacher: Tensor,
+    student_lse: Tensor,
+    teacher_lse: Tensor,
+    temperature: float,
+    grad_student: Tensor,
+) -> None:
+    """Backend entry of ``epikern::forward_kl_backward``.
+
+    ``grad_student [N, V]`` (the student's dtype, unit stride over V; may alias ``student``) =
+    ``grad_loss[n] · (softmax(s/T) − softmax(t/T)) / T``; rows with ``grad_loss = 0`` are zeros.
+    """
+    check_available()
+    N, V = student.shape
+    _rows_with_unit_stride("student", student)
+    _rows_with_unit_stride("teacher", teacher)
+    _rows_with_unit_stride("grad_student", grad_student)
+    if grad_student.dtype != student.dtype or grad_student.shape != student.shape:
+        raise TypeError(f"grad_student must be {student.dtype} {tuple(student.shape)}, got "
+                        f"{grad_student.dtype} {tuple(grad_student.shape)}")
+    grad_loss = grad_loss.to(torch.float32).contiguous()
+    for name, x in (("grad_loss", grad_loss), ("student_lse", student_lse),
+                    ("teacher_lse", teacher_lse)):
+        _float32_vector(name, x, N)
+    _cpu.forward_kl_backward(
+        grad_loss.data_ptr(), student.data_ptr(), _dtype_code("student", student),
+        student.stride(0), teacher.data_ptr(), _dtype_code("teacher", teacher), teacher.stride(0),
+        N, V, student_lse.data_ptr(), teacher_lse.data_ptr(), float(temperature),
+        grad_student.data_ptr(), grad_student.stride(0), torch.get_num_threads(),
+    )
