@@ -73,8 +73,9 @@ class DraftCache(Cache):
     @property
     def batch_size(self) -> int:
         """B: the batch dim of the cached tensors, or the batch the cache was made for while empty."""
-        layer = self.layers[0]
-        return layer.keys.shape[1] if layer.get_seq_length() > 0 else self._batch_size
+        if self.layers and self.layers[0].get_seq_length() > 0:
+            return self.layers[0].keys.shape[1]
+        return self._batch_size
 
     @property
     def nbytes(self) -> int:
