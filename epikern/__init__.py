@@ -23,3 +23,15 @@ __all__ = [
 ]
 from .ops import forward_kl, fused_linear_forward_kl  # noqa: E402
 __all__ += ["forward_kl", "fused_linear_forward_kl"]
+
+# Models need transformers; they are imported on first use so that `import epikern` stays light.
+_LAZY_EXPORTS = {"DraftEnsemble": "epikern.models", "DraftEstimator": "epikern.models"}
+__all__ += list(_LAZY_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _LAZY_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY_EXPORTS[name]), name)
+    raise AttributeError(f"module 'epikern' has no attribute {name!r}")
