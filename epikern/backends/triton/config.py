@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 #: Largest number of drafts the Triton kernels take (K_PAD ≤ MAX_K).
-MAX_K = 64
+MAX_K = 32
 #: Elements of the ``[K_PAD, BLOCK_V]`` draft tile held by one program.
 TILE = 4096
 #: num_warps of the vocabulary-sweeping kernels (row kernel, split phases).

@@ -1,0 +1,231 @@
+"""Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90 (SPEC §8).
+
+Needs no GPU: ``triton.compile`` with ``GPUTarget("cuda", 80|90, 32)`` produces PTX, which Triton's
+own newest ``ptxas`` (``ptxas-blackwell``; the system ptxas is too old for Triton's PTX) assembles
+with ``-v`` to report registers and spills. Every tile configuration the dispatcher can pick
+(:func:`epikern.backends.triton.config.all_tile_configs`) is compiled with fp32, fp16 and bf16
+logits (drafts and target of the same dtype) and the specialisation flags that do the most work
+(target present; mixture sweep on), with the pointer/stride divisibility the runtime specialises
+for aligned tensors. Any spill fails the test. ``python -m tests.backends.test_triton_aot`` prints
+the Markdown table recorded in ``benchmarks/RESULTS.md``. The compiles run once per session in a
+child process (so that ``TRITON_INTERPRET``, which the interpreter tests switch on, cannot reach
+them), in parallel, and Triton's on-disk cache makes later sessions fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import pytest
+
+triton = pytest.importorskip("triton")
+from triton.backends.compiler import GPUTarget  # noqa: E402
+
+from epikern.backends.triton import config  # noqa: E402
+
+ARCHS = (80, 90)
+DTYPES = ("fp32", "fp16", "bf16")
+PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One kernel specialisation to compile."""
+
+    kernel: str
+    k_pad: int
+    block_v: int
+    num_warps: int
+    dtype: str  # logit dtype; "-" for kernels that read no logits
+
+
+@dataclass(frozen=True)
+class Report:
+    registers: int
+    spill_stores: int
+    spill_loads: int
+    stack: int
+
+
+def _kernels():
+    from epikern.backends.triton import row, split
+    return {
+        "row": row.draft_uncertainty_row_kernel,
+        "split_states": split.split_states_kernel,
+        "split_mixture": split.split_mixture_kernel,
+        "split_finalize": split.split_finalize_kernel,
+    }
+
+
+def specs() -> list[Spec]:
+    """Every kernel specialisation the dispatcher can launch, with the heaviest flags."""
+    out = []
+    for cfg in config.all_tile_configs():
+        if cfg.path == "row":
+            names = [("row", cfg.num_warps)]
+        else:
+            names = [("split_states", cfg.num_warps), ("split_mixture", cfg.num_warps)]
+        for name, warps in names:
+            out += [Spec(name, cfg.k_pad, cfg.block_v, warps, dt) for dt in DTYPES]
+        if cfg.path == "split":
+            out.append(Spec("split_finalize", cfg.k_pad, cfg.block_v, config.FINALIZE_WARPS, "-"))
+    return out
+
+
+#: Pointer arguments of the kernels; the others are fp32 (weights, workspace, outputs).
+_LOGIT_POINTERS = ("D", "T")
+_FP32_POINTERS = ("W", "STATS", "DLSE", "TLSE", "WS_D", "WS_T", "WS_M")
+
+
+def _signature(fn, spec: Spec):
+    """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` (triton ≥ 3.3 API)."""
+    constexprs = {"K_PAD": spec.k_pad, "BLOCK_V": spec.block_v, "CHUNK_BLOCK":
+                  config.chunk_block_for(spec.k_pad), "HAS_TARGET": True, "DECOMPOSE": True}
+    constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name == "inv_temp":
+            signature[name] = "fp32"
+        elif name in _LOGIT_POINTERS or name in _FP32_POINTERS:
+            signature[name] = "*" + (spec.dtype if name in _LOGIT_POINTERS else "fp32")
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "i32"
+            if name.startswith("stride") or name in ("V", "CHUNK_V"):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def _ptxas() -> str:
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "ptxas-blackwell")
+    if not os.path.exists(path):
+        pytest.skip(f"Triton's bundled ptxas-blackwell is missing ({path})")
+    return path
+
+
+_REGS = re.compile(r"Used (\d+) registers")
+_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def compile_report(spec: Spec, arch: int) -> Report:
+    """Compile ``spec`` for ``sm_<arch>`` and read registers and spills from ``ptxas -v``."""
+    fn = _kernels()[spec.kernel]
+    signature, constexprs, attrs = _signature(fn, spec)
+    src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps})
+    with tempfile.TemporaryDirectory(prefix="epikern_aot_") as tmp:
+        ptx_path = os.path.join(tmp, "kernel.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([_ptxas(), f"-arch={PTXAS_ARCH[arch]}", "-v", ptx_path,
+                              "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+    regs = [int(r) for r in _REGS.findall(log)]
+    spills = [tuple(map(int, s)) for s in _SPILL.findall(log)]
+    if not regs or not spills:
+        raise RuntimeError(f"cannot parse ptxas output:\n{log}")
+    return Report(max(regs), max(s[1] for s in spills), max(s[2] for s in spills),
+                  max(s[0] for s in spills))
+
+
+def _compile_one(job):
+    spec, arch = job
+    try:
+        return spec, arch, asdict(compile_report(spec, arch))
+    except Exception as exc:  # reported per configuration by the test
+        return spec, arch, {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def compile_all(jobs: int) -> dict:
+    """``{(spec, arch): report dict or {"error": ...}}`` for every spec and arch, ``jobs`` at once."""
+    work = [(spec, arch) for spec in specs() for arch in ARCHS]
+    if jobs <= 1:
+        results = map(_compile_one, work)
+        return {(s, a): r for s, a, r in results}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        return {(s, a): r for s, a, r in pool.map(_compile_one, work)}
+
+
+@pytest.fixture(scope="session")
+def reports() -> dict:
+    """Compile everything once per session in a child process (the kernels must be imported
+    there without ``TRITON_INTERPRET``, which the CPU interpreter tests switch on)."""
+    _ptxas()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-m", "tests.backends.test_triton_aot", "--json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"AOT compile process failed:\n{proc.stderr[-4000:]}"
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {(Spec(**r["spec"]), r["arch"]): r["report"] for r in rows}
+
+
+def test_every_dispatcher_config_is_enumerated():
+    """What :func:`config.choose` returns for a sweep of shapes is in the compiled set."""
+    tiles = {(c.path, c.k_pad, c.block_v, c.num_warps, c.chunk_block)
+             for c in config.all_tile_configs()}
+    for K in range(1, config.MAX_K + 1):
+        for N in (1, 8, 64, 128, 129, 4096):
+            for V in (1000, 32000, 128256):
+                c = config.choose(K, N, V, None)
+                assert (c.path, c.k_pad, c.block_v, c.num_warps, c.chunk_block) in tiles
+                assert 1 <= c.chunks <= config.MAX_CHUNKS
+                assert c.chunks == 1 or (c.chunks - 1) * c.chunk_size(V) < V  # no empty chunk
+    with pytest.raises(ValueError, match="1 to 32 drafts"):
+        config.choose(config.MAX_K + 1, 1, 1000, None)
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm{a}" for a in ARCHS])
+@pytest.mark.parametrize("spec", specs(), ids=lambda s: f"{s.kernel}-k{s.k_pad}-{s.dtype}")
+def test_compiles_without_spills(reports, spec, arch):
+    rep = reports[(spec, arch)]
+    assert "error" not in rep, f"{spec} failed to compile for sm_{arch}: {rep['error']}"
+    print(f"{spec.kernel} K_PAD={spec.k_pad} BLOCK_V={spec.block_v} warps={spec.num_warps} "
+          f"{spec.dtype} sm_{arch}: {rep['registers']} registers, spill stores "
+          f"{rep['spill_stores']} B, spill loads {rep['spill_loads']} B")
+    assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, f"{spec} on sm_{arch} spills: {rep}"
+
+
+def markdown_table(results: dict) -> str:
+    rows = ["| kernel | K_PAD | BLOCK_V | warps | logits | regs sm_80 | regs sm_90a | spill bytes |",
+            "|---|---|---|---|---|---|---|---|"]
+    for spec in specs():
+        r80, r90 = results[(spec, 80)], results[(spec, 90)]
+        if "error" in r80 or "error" in r90:
+            rows.append(f"| {spec.kernel} | {spec.k_pad} | | | {spec.dtype} | compile error | | |")
+            continue
+        spill = sum(r[key] for r in (r80, r90) for key in ("spill_stores", "spill_loads"))
+        block = spec.block_v if spec.dtype != "-" else "-"
+        rows.append(f"| {spec.kernel} | {spec.k_pad} | {block} | {spec.num_warps} | {spec.dtype} "
+                    f"| {r80['registers']} | {r90['registers']} | {spill} |")
+    return "\n".join(rows)
+
+
+def _main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="one JSON line for the test fixture")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    args = parser.parse_args()
+    results = compile_all(args.jobs)
+    if args.json:
+        print(json.dumps([{"spec": asdict(s), "arch": a, "report": r}
+                          for (s, a), r in results.items()]))
+    else:
+        print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    _main()
