@@ -1,26 +1,138 @@
-// epikern._cuda: CUDA kernels taking raw pointers, strides and a stream (minimal scaffold; the
-// CUDA kernels and their bind_* functions are added by the CUDA issue).
-#include <cuda_runtime.h>
+// epikern._cuda: the CUDA kernels behind a pybind11 interface of raw device pointers (ints),
+// element strides, dtype codes and a cudaStream_t (int). No libtorch: epikern/backends/cuda.py
+// passes tensor.data_ptr(), strides and torch.cuda.current_stream().cuda_stream, with the
+// tensors' device current. CUDA errors surface as RuntimeError naming the kernel or API call.
 #include <pybind11/pybind11.h>
 
+#include <cmath>
 #include <stdexcept>
-#include <string>
+
+#include "draft_uncertainty.h"
 
 namespace py = pybind11;
+using namespace epikern::gpu;
 
 namespace {
 
-// Number of visible CUDA devices; raises RuntimeError with the CUDA error text on failure.
-int device_count() {
-  int n = 0;
-  const cudaError_t err = cudaGetDeviceCount(&n);
-  if (err != cudaSuccess) throw std::runtime_error(std::string("CUDA error: ") + cudaGetErrorString(err));
-  return n;
+DraftArgs make_args(uintptr_t draft, int64_t draft_stride_k, int64_t draft_stride_n,
+                    uintptr_t target, int64_t target_stride_n, int64_t K, int64_t N, int64_t V,
+                    double temperature, bool decompose) {
+  if (K < 1 || K > INT32_MAX) throw std::invalid_argument("epikern._cuda: K must be >= 1");
+  if (!(temperature > 0.0) || !std::isfinite(temperature))
+    throw std::invalid_argument("epikern._cuda: temperature must be finite and > 0");
+  DraftArgs a{};
+  a.draft = reinterpret_cast<const void*>(draft);
+  a.draft_stride_k = draft_stride_k;
+  a.draft_stride_n = draft_stride_n;
+  a.target = reinterpret_cast<const void*>(target);
+  a.target_stride_n = target_stride_n;
+  a.K = int(K);
+  a.N = N;
+  a.V = V;
+  a.scale = float(1.4426950408889634 / temperature);  // log2(e) / T
+  a.decompose = decompose;
+  return a;
+}
+
+py::dict plan_dict(const Plan& p) {
+  py::dict d;
+  d["path"] = p.use_cluster ? "cluster" : "split";
+  d["cluster"] = p.cluster;
+  d["splits"] = p.splits;
+  d["vec"] = p.vec;
+  d["slice"] = p.slice;
+  d["rows_per_launch"] = p.rows_per_launch;
+  d["smem"] = p.smem;
+  d["workspace"] = p.workspace;
+  return d;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "epikern CUDA kernels (raw pointers + cudaStream_t; no libtorch)";
-  m.def("device_count", &device_count, "Number of visible CUDA devices.");
+  m.doc() = "epikern CUDA kernels (raw pointers, strides in elements, dtype codes 0=f32 1=f16 2=bf16)";
+
+  m.def(
+      "draft_uncertainty_plan",
+      [](uintptr_t draft, int draft_dtype, int64_t draft_stride_k, int64_t draft_stride_n,
+         uintptr_t target, int target_dtype, int64_t target_stride_n, int64_t K, int64_t N,
+         int64_t V, bool decompose, int path) {
+        const DraftArgs a = make_args(draft, draft_stride_k, draft_stride_n, target,
+                                      target_stride_n, K, N, V, 1.0, decompose);
+        return plan_dict(make_plan(a, draft_dtype, target_dtype, path));
+      },
+      "How a call runs on the current device: path, sizes and the workspace bytes it needs.",
+      py::arg("draft"), py::arg("draft_dtype"), py::arg("draft_stride_k"),
+      py::arg("draft_stride_n"), py::arg("target"), py::arg("target_dtype"),
+      py::arg("target_stride_n"), py::arg("K"), py::arg("N"), py::arg("V"), py::arg("decompose"),
+      py::arg("path") = int(kPathAuto));
+
+  m.def(
+      "draft_uncertainty",
+      [](uintptr_t draft, int draft_dtype, int64_t draft_stride_k, int64_t draft_stride_n,
+         uintptr_t target, int target_dtype, int64_t target_stride_n, uintptr_t weights,
+         int64_t weights_stride, int64_t K, int64_t N, int64_t V, double temperature,
+         bool decompose, uintptr_t stats, int64_t stats_stride, uintptr_t draft_lse,
+         int64_t draft_lse_stride, uintptr_t target_lse, uintptr_t workspace,
+         size_t workspace_bytes, uintptr_t stream, int path) {
+        DraftArgs a = make_args(draft, draft_stride_k, draft_stride_n, target, target_stride_n, K,
+                                N, V, temperature, decompose);
+        a.weights = reinterpret_cast<const float*>(weights);
+        a.weights_stride = weights_stride;
+        a.stats = reinterpret_cast<float*>(stats);
+        a.stats_stride = stats_stride;
+        a.draft_lse = reinterpret_cast<float*>(draft_lse);
+        a.draft_lse_stride = draft_lse_stride;
+        a.target_lse = reinterpret_cast<float*>(target_lse);
+        const Plan plan = make_plan(a, draft_dtype, target_dtype, path);
+        launch(a, draft_dtype, target_dtype, plan, reinterpret_cast<void*>(workspace),
+               workspace_bytes, reinterpret_cast<cudaStream_t>(stream));
+      },
+      "Enqueue draft_uncertainty on `stream` (see epikern/backends/cuda.py for the contract).",
+      py::arg("draft"), py::arg("draft_dtype"), py::arg("draft_stride_k"),
+      py::arg("draft_stride_n"), py::arg("target"), py::arg("target_dtype"),
+      py::arg("target_stride_n"), py::arg("weights"), py::arg("weights_stride"), py::arg("K"),
+      py::arg("N"), py::arg("V"), py::arg("temperature"), py::arg("decompose"), py::arg("stats"),
+      py::arg("stats_stride"), py::arg("draft_lse"), py::arg("draft_lse_stride"),
+      py::arg("target_lse"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("stream"),
+      py::arg("path") = int(kPathAuto));
+
+  m.def(
+      "kernel_attributes",
+      []() {
+        std::vector<KernelInfo> infos;
+        append_split_infos(infos);
+        append_cluster_infos(infos);
+        py::list out;
+        for (const KernelInfo& k : infos) {
+          py::dict d;
+          d["name"] = k.name;
+          d["registers"] = k.attr.numRegs;
+          d["local_bytes"] = k.attr.localSizeBytes;
+          d["static_smem_bytes"] = k.attr.sharedSizeBytes;
+          d["max_threads"] = k.attr.maxThreadsPerBlock;
+          d["binary_version"] = k.attr.binaryVersion;
+          d["ptx_version"] = k.attr.ptxVersion;
+          out.append(d);
+        }
+        return out;
+      },
+      "cudaFuncGetAttributes of every kernel on the current device (registers, spills, arch).");
+
+  m.def(
+      "device_count",
+      []() {
+        int n = 0;
+        const cudaError_t err = cudaGetDeviceCount(&n);
+        if (err != cudaSuccess) {
+          (void)cudaGetLastError();
+          return 0;
+        }
+        return n;
+      },
+      "Number of CUDA devices the runtime sees (0 when there is no driver or device).");
+
+  m.attr("PATH_AUTO") = int(kPathAuto);
+  m.attr("PATH_SPLIT") = int(kPathSplit);
+  m.attr("PATH_CLUSTER") = int(kPathCluster);
 }
