@@ -189,7 +189,9 @@ def forward_kl_out(
         y = teacher[rows].to(dtype) / temperature
         ls, lt = torch.logsumexp(x, dim=-1), torch.logsumexp(y, dim=-1)
         log_p = y - lt.unsqueeze(-1)
-        kl = _plogq(log_p.exp(), log_p - (x - ls.unsqueeze(-1))).sum(-1)
+        d = log_p - (x - ls.unsqueeze(-1))
+        # a finite teacher logit against a −inf student logit is +inf even if p underflows
+        kl = torch.where(d == float("inf"), d, _plogq(log_p.exp(), d)).sum(-1)
         if keep is not None:
             zero = torch.zeros((), dtype=dtype, device=kl.device)
             k = keep[rows]

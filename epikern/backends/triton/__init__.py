@@ -52,3 +52,4 @@ def draft_uncertainty_out(
             "imported to run them on the CPU interpreter")
     launch.draft_uncertainty_out(draft_logits, target_logits, weights, temperature, decompose,
                                  stats, draft_lse, target_lse)
+from .forward_kl import forward_kl_backward_out, forward_kl_out  # noqa: E402,F401

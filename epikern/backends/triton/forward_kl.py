@@ -19,6 +19,7 @@ backward (one sweep)::
 from __future__ import annotations
 
 import contextlib
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -26,10 +27,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .. import BackendUnavailableError
+
 _MAX_BLOCK = 4096
 
 
-@triton.jit
 def _forward_kl_fwd_kernel(
     S, T, KEEP, LOSS, SLSE, TLSE,
     stride_s, stride_t, V, inv_temp,
@@ -81,7 +83,6 @@ def _forward_kl_fwd_kernel(
     tl.store(TLSE + row, lse_t)
 
 
-@triton.jit
 def _forward_kl_bwd_kernel(
     G, S, T, SLSE, TLSE, OUT,
     stride_s, stride_t, stride_o, V, inv_temp,
@@ -106,6 +107,20 @@ def _forward_kl_bwd_kernel(
         grad = (tl.exp(x - lse_s) - tl.exp(y - lse_t)) * scale
         grad = tl.where(live, grad, 0.0)
         tl.store(o_row + cols, grad.to(OUT.dtype.element_ty), mask=cols < V)
+
+
+@lru_cache(maxsize=None)
+def _kernels():
+    """The two kernels, ``triton.jit``-ed at first use: ``TRITON_INTERPRET`` is read then."""
+    return triton.jit(_forward_kl_fwd_kernel), triton.jit(_forward_kl_bwd_kernel)
+
+
+def _launchable(x: Tensor, kernel) -> None:
+    if not x.is_cuda and hasattr(kernel, "cache_key"):  # a compiled (not interpreted) kernel
+        raise BackendUnavailableError(
+            f"backend 'triton' got tensors on {x.device}, but its forward_kl kernels were compiled "
+            "for the GPU: TRITON_INTERPRET=1 must be set before their first use to run them on the "
+            "CPU interpreter")
 
 
 def _block(vocab: int) -> int:
@@ -133,8 +148,10 @@ def forward_kl_out(
     """Backend entry of ``epikern::forward_kl``: ``[N, V]`` rows (unit stride over V) → ``[N]``."""
     N, V = student.shape
     block = _block(V)
+    kernel = _kernels()[0]
+    _launchable(student, kernel)
     with _device_of(student):
-        _forward_kl_fwd_kernel[(N,)](
+        kernel[(N,)](
             student, teacher, loss if keep is None else keep, loss, student_lse, teacher_lse,
             student.stride(0), teacher.stride(0), V, 1.0 / temperature,
             HAS_KEEP=keep is not None, BLOCK=block, num_warps=_warps(block),
@@ -153,8 +170,10 @@ def forward_kl_backward_out(
     """Backend entry of ``epikern::forward_kl_backward``; ``grad_student`` may alias ``student``."""
     N, V = student.shape
     block = _block(V)
+    kernel = _kernels()[1]
+    _launchable(student, kernel)
     with _device_of(student):
-        _forward_kl_bwd_kernel[(N,)](
+        kernel[(N,)](
             grad_loss, student, teacher, student_lse, teacher_lse, grad_student,
             student.stride(0), teacher.stride(0), grad_student.stride(0), V, 1.0 / temperature,
             BLOCK=block, num_warps=_warps(block),
