@@ -176,3 +176,24 @@ def test_save_load_round_trip_stores_trunk_once(tmp_path, arch):
     ids, mask = _inputs(ens.vocab_size, 2, 5, (1, 0))
     assert torch.equal(loaded(ids, mask), ens(ids, mask))
     assert loaded.biases == ens.biases
+
+
+def test_branches_train_with_a_frozen_trunk():
+    ens = DraftEnsemble.from_base(tiny_model(), num_drafts=2, shared_layers=2, seed=0, jitter=0.05)
+    ids, mask = _inputs(ens.vocab_size, 2, 6, (0, 2))
+    for p in ens.trunk_parameters():
+        p.requires_grad_(False)
+    with torch.enable_grad():
+        logits = ens(ids, mask)
+        loss = torch.nn.functional.cross_entropy(logits[:, :, :-1].flatten(0, 2), ids[:, 1:].repeat(2, 1).flatten())
+        loss.backward()
+    assert all(p.grad is None for p in ens.trunk_parameters())
+    grads = [p.grad for p in ens.branch_parameters()]
+    assert all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_top_level_exports():
+    import epikern as ek
+    from epikern.models import DraftEstimator
+
+    assert ek.DraftEnsemble is DraftEnsemble and ek.DraftEstimator is DraftEstimator
