@@ -77,7 +77,7 @@ inline float fast_log(float x) {
   y += 0.693359375f * e;
   y = x == 0.f ? -std::numeric_limits<float>::infinity() : y;
   y = x == std::numeric_limits<float>::infinity() ? x : y;
-  y = (x < 0.f || x != x) ? std::numeric_limits<float>::quiet_NaN() : y;
+  y = !(x >= 0.f) ? std::numeric_limits<float>::quiet_NaN() : y;  // x < 0 or NaN
   return y;
 }
 
