@@ -32,15 +32,19 @@ from epikern.models import DraftEnsemble, StackedKVLayer
 from epikern.models.layers import StackedDecoderLayer
 
 
-def median_ms(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians_ms(runners: dict, reps: int, warmup: int = 3) -> dict:
+    """Median ms per call of each runner, timed round-robin (one call of each per round) so that
+    load from other processes on a shared machine falls on all variants alike."""
+    for fn in runners.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in runners}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
+        for name, fn in runners.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def make_drafts(args):
@@ -87,15 +91,15 @@ def ens_step(ens, cache, token):
     return step
 
 
-def one_draft_ms(config, layers, args, prompt, token):
-    """Decode-step time t1(n) of a single-draft ensemble with ``layers`` decoder layers."""
+def one_draft_step(config, layers, args, prompt, token):
+    """Decode step of a single-draft ensemble with ``layers`` decoder layers (for t1(n))."""
     ens = DraftEnsemble(type(config)(**{**config.to_dict(), "num_hidden_layers": layers}), 1, 0)
     cache = ens.new_cache(args.batch)
     ens(prompt, None, cache)
-    return median_ms(ens_step(ens, cache, token), args.reps)
+    return ens_step(ens, cache, token)
 
 
-def layer_ms(config, groups, args, hidden):
+def layer_step(config, groups, args, hidden):
     """One StackedDecoderLayer decode step (warm weights) for ``groups`` drafts at context P."""
     B, P = args.batch, args.context
     layer = StackedDecoderLayer(config, groups, frozenset())
@@ -108,7 +112,7 @@ def layer_ms(config, groups, args, hidden):
     def run():
         layer(x, cos, sin, None, False, kv)
         kv.crop(-1)
-    return median_ms(run, args.reps)
+    return run
 
 
 def main():
@@ -137,28 +141,36 @@ def main():
     caches = [DynamicCache(config=m.config) for m in base_models]
     for m, c in zip(base_models, caches):
         m(input_ids=prompt, cache=c, use_cache=True)
-    hf_ms = median_ms(hf_step(base_models, caches, token), args.reps)
     hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for c in caches for layer in c.layers)
-
-    config = base_models[0].config
-    t1 = {n: one_draft_ms(config, n, args, prompt, token) for n in sorted({0, L} | set(args.shared) | {L - S for S in args.shared})}
-    rows = []
+    runners = {"hf": hf_step(base_models, caches, token)}
+    ens_bytes = {}
     for S in args.shared:
         ens = DraftEnsemble.from_models(share_trunk(base_models, S), shared_layers=S)
         cache = ens.new_cache(B)
         ens(prompt, None, cache)
-        ms = median_ms(ens_step(ens, cache, token), args.reps)
+        ens_bytes[S] = ens.cache_nbytes(cache)
+        runners[f"ens{S}"] = ens_step(ens, cache, token)
+    config = base_models[0].config
+    sizes = sorted({0, L} | set(args.shared) | {L - S for S in args.shared})
+    for n in sizes:
+        runners[f"t1_{n}"] = one_draft_step(config, n, args, prompt, token)
+    hidden = torch.randn(1, B, 1, args.hidden)
+    runners["layer_1"], runners["layer_K"] = layer_step(config, 1, args, hidden), layer_step(config, K, args, hidden)
+    ms = interleaved_medians_ms(runners, args.reps)
+
+    hf_ms, t1 = ms["hf"], {n: ms[f"t1_{n}"] for n in sizes}
+    rows = []
+    for S in args.shared:
         trunk, branch = t1[S] - t1[0], t1[L - S]
         layers_of_kv = S + K * (L - S)
-        rows.append((S, ms, trunk, branch, trunk + K * branch, hf_ms / ms, ens.cache_nbytes(cache), layers_of_kv,
-                     ens.cache_nbytes(cache) / hf_bytes, layers_of_kv / (K * L)))
-    hidden = torch.randn(1, B, 1, args.hidden)
-    one_layer, stacked_layer = layer_ms(config, 1, args, hidden), layer_ms(config, K, args, hidden)
+        rows.append((S, ms[f"ens{S}"], trunk, branch, trunk + K * branch, hf_ms / ms[f"ens{S}"], ens_bytes[S],
+                     layers_of_kv, ens_bytes[S] / hf_bytes, layers_of_kv / (K * L)))
+    one_layer, stacked_layer = ms["layer_1"], ms["layer_K"]
 
     print(f"\nDraftEnsemble decode step, CPU ({platform.processor() or platform.machine()}), torch {torch.__version__}, "
           f"transformers {transformers.__version__}, {args.threads} thread(s); Llama H={args.hidden}, "
           f"I={args.intermediate}, L={L}, heads {args.heads}/{args.kv_heads} kv, V={args.vocab}, K={K}, B={B}, "
-          f"context {P}, fp32, median of {args.reps} steps\n")
+          f"context {P}, fp32, median of {args.reps} steps (all variants timed round-robin)\n")
     print(f"K separate HF models (loop, own DynamicCache each): **{hf_ms:.2f} ms**/step, cache {hf_bytes / 2**20:.2f} MiB "
           f"({K * L} layers of KV)\n")
     print(f"One draft (K=1) of n layers, t1(n) ms: " + ", ".join(f"t1({n}) = {v:.2f}" for n, v in t1.items()) + "\n")
