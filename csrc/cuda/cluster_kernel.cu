@@ -85,7 +85,7 @@ __device__ __forceinline__ int64_t stage_begin(int64_t vec_count, int c) {
 }
 
 template <class TD, class TP>
-__global__ void __launch_bounds__(kThreads) cluster_kernel(DraftArgs a, int64_t row0, int64_t slice) {
+__global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64_t row0, int64_t slice) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   const cg::cluster_group cluster = cg::this_cluster();
   const unsigned rank = cluster.block_rank();
@@ -220,34 +220,54 @@ cudaLaunchConfig_t cluster_config(int cluster, int64_t rows, size_t smem, cudaSt
   return cfg;
 }
 
-// Function attributes the launch needs: the dynamic shared memory and, above 8, a non-portable
-// cluster size.
+// What a device allows a cluster kernel, set up once per device and dtype pair.
+struct KernelSetup {
+  bool usable;     // compiled for sm_90+ (not a JIT of older PTX) and attributes accepted
+  bool cluster16;  // non-portable cluster sizes (up to 16) allowed
+};
+
+// Opt the kernel into all the dynamic shared memory the device offers (the actual amount is
+// given per launch), and into clusters above 8 where the device allows them. Doing this once,
+// outside any launch, keeps the launch itself free of attribute calls (CUDA-graph capture).
 template <class TD, class TP>
-cudaError_t set_cluster_attributes(int cluster, size_t smem) {
-  cudaError_t err = cudaFuncSetAttribute(cluster_kernel<TD, TP>,
-                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-  if (err == cudaSuccess && cluster > 8)
-    err = cudaFuncSetAttribute(cluster_kernel<TD, TP>,
-                               cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
-  return err;
+KernelSetup setup_kernel(int device) {
+  auto kernel = cluster_kernel<TD, TP>;
+  cudaFuncAttributes fa;
+  int optin = 0;
+  if (cudaFuncGetAttributes(&fa, kernel) != cudaSuccess || fa.ptxVersion < 90 ||
+      fa.binaryVersion < 90 ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess ||
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           optin - int(fa.sharedSizeBytes)) != cudaSuccess) {
+    (void)cudaGetLastError();  // a refusal here only means "take the split path"
+    return KernelSetup{false, false};
+  }
+  const bool cluster16 =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) == cudaSuccess;
+  (void)cudaGetLastError();
+  return KernelSetup{true, cluster16};
 }
 
 template <class TD, class TP>
-bool cluster_fits_typed(int cluster, size_t smem) {
-  cudaFuncAttributes fa;
-  if (cudaFuncGetAttributes(&fa, cluster_kernel<TD, TP>) != cudaSuccess || fa.ptxVersion < 90 ||
-      fa.binaryVersion < 90) {
-    (void)cudaGetLastError();  // a refusal here only means "take the split path"
-    return false;
-  }
+bool cluster_fits_typed(int device, int cluster, size_t smem) {
+  static std::mutex mutex;
+  static std::map<int, KernelSetup> setups;
+  static std::map<std::tuple<int, int, size_t>, bool> fits;  // (device, cluster, smem)
+  std::lock_guard<std::mutex> lock(mutex);
+  auto setup = setups.find(device);
+  if (setup == setups.end()) setup = setups.emplace(device, setup_kernel<TD, TP>(device)).first;
+  if (!setup->second.usable || (cluster > 8 && !setup->second.cluster16)) return false;
+  const auto key = std::make_tuple(device, cluster, smem);
+  const auto hit = fits.find(key);
+  if (hit != fits.end()) return hit->second;
   int clusters = 0;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = cluster_config(cluster, 1, smem, nullptr, &attr);
-  if (set_cluster_attributes<TD, TP>(cluster, smem) != cudaSuccess ||
-      cudaOccupancyMaxActiveClusters(&clusters, cluster_kernel<TD, TP>, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, cluster_kernel<TD, TP>, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();
-    return false;
+    clusters = 0;
   }
+  fits.emplace(key, clusters > 0);
   return clusters > 0;
 }
 
@@ -261,27 +281,20 @@ bool cluster_fits(int draft_dtype, int target_dtype, int cluster, size_t smem) {
   if (cluster < 1 || cluster > kMaxCluster) return false;
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
-  // Occupancy queries cost driver calls: remember the answer per device and configuration.
-  static std::mutex mutex;
-  static std::map<std::tuple<int, int, int, int, size_t>, bool> cache;
-  const auto key = std::make_tuple(device, draft_dtype, target_dtype, cluster, smem);
-  std::lock_guard<std::mutex> lock(mutex);
-  const auto hit = cache.find(key);
-  if (hit != cache.end()) return hit->second;
   bool fits = false;
   dispatch_dtypes(draft_dtype, target_dtype, [&](auto td, auto tp) {
-    fits = cluster_fits_typed<typename decltype(td)::type, typename decltype(tp)::type>(cluster, smem);
+    fits = cluster_fits_typed<typename decltype(td)::type, typename decltype(tp)::type>(
+        device, cluster, smem);
   });
-  cache.emplace(key, fits);
   return fits;
 }
 
+// `plan` comes from make_plan, whose cluster_fits set the kernel's attributes on this device.
 void launch_cluster(const DraftArgs& a, int draft_dtype, int target_dtype, const Plan& plan,
                     int64_t row0, int64_t rows, cudaStream_t stream) {
   dispatch_dtypes(draft_dtype, target_dtype, [&](auto td, auto tp) {
     using TD = typename decltype(td)::type;
     using TP = typename decltype(tp)::type;
-    check(set_cluster_attributes<TD, TP>(plan.cluster, plan.smem), "cluster_kernel attributes");
     cudaLaunchAttribute attr;
     const cudaLaunchConfig_t cfg = cluster_config(plan.cluster, rows, plan.smem, stream, &attr);
     check(cudaLaunchKernelEx(&cfg, cluster_kernel<TD, TP>, a, row0, plan.slice), "kernel cluster_kernel");

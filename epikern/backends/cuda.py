@@ -1,0 +1,133 @@
+"""``cuda`` backend: a thin loader of the compiled ``epikern._cuda`` module (csrc/cuda).
+
+The module takes raw device pointers, element strides, dtype codes and a ``cudaStream_t``; this
+file turns tensors into those, runs on the tensors' device and the current stream of that device,
+and allocates the small workspace the split path needs (its size comes from the module's plan,
+so nothing is allocated inside the kernels and a call can be captured in a CUDA graph).
+
+``EPIKERN_CUDA_PATH`` (``auto``, ``split`` or ``cluster``) forces a kernel path for tests and
+benchmarks; ``cluster`` raises ``ValueError`` where it cannot run (it needs sm_90+, rows that start
+16-byte aligned, and a row that fits the shared memory of one thread-block cluster).
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from types import ModuleType
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import BackendUnavailableError
+
+NAME = "cuda"
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_PATHS = {"auto": 0, "split": 1, "cluster": 2}
+
+
+@lru_cache(maxsize=None)
+def _module() -> ModuleType:
+    try:
+        from .. import _cuda
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"backend 'cuda' is not built: importing epikern._cuda failed ({exc}); it is compiled "
+            "by `pip install -e .` when nvcc is found (and EPIKERN_CUDA is not 0)"
+        ) from exc
+    return _cuda
+
+
+def check_available() -> None:
+    """Raise :class:`BackendUnavailableError` unless the module imports and a device is usable."""
+    _module()
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "backend 'cuda' needs a CUDA device: torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+        )
+
+
+def forced_path() -> int:
+    """The path code of ``EPIKERN_CUDA_PATH`` (default ``auto``)."""
+    name = os.environ.get("EPIKERN_CUDA_PATH", "auto")
+    if name not in _PATHS:
+        raise ValueError(f"EPIKERN_CUDA_PATH must be one of {', '.join(_PATHS)}, got {name!r}")
+    return _PATHS[name]
+
+
+def _dtype_code(name: str, x: Tensor) -> int:
+    if x.dtype not in _DTYPE_CODES:
+        raise TypeError(f"backend 'cuda' reads float32, float16 or bfloat16 {name}, got {x.dtype}")
+    return _DTYPE_CODES[x.dtype]
+
+
+def _problem(draft: Tensor, target: Optional[Tensor], decompose: bool) -> dict:
+    """Keyword arguments shared by the module's plan and launch functions."""
+    K, N, V = draft.shape
+    if V > 1 and draft.stride(2) != 1:
+        raise ValueError(f"draft_logits needs unit stride over V, got strides {draft.stride()}")
+    if target is not None and V > 1 and target.stride(1) != 1:
+        raise ValueError(f"target_logits needs unit stride over V, got strides {target.stride()}")
+    code = _dtype_code("draft_logits", draft)
+    return dict(
+        draft=draft.data_ptr(), draft_dtype=code,
+        draft_stride_k=draft.stride(0), draft_stride_n=draft.stride(1),
+        target=0 if target is None else target.data_ptr(),
+        target_dtype=code if target is None else _dtype_code("target_logits", target),
+        target_stride_n=0 if target is None else target.stride(0),
+        K=K, N=N, V=V, decompose=bool(decompose),
+    )
+
+
+def plan(draft_logits: Tensor, target_logits: Optional[Tensor], decompose: bool = True) -> dict:
+    """How :func:`draft_uncertainty_out` would run these inputs (path, sizes, workspace bytes)."""
+    with torch.cuda.device(draft_logits.device):
+        return _module().draft_uncertainty_plan(
+            **_problem(draft_logits, target_logits, decompose), path=forced_path())
+
+
+def draft_uncertainty_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    weights: Tensor,
+    temperature: float,
+    decompose: bool,
+    stats: Tensor,
+    draft_lse: Tensor,
+    target_lse: Tensor,
+) -> None:
+    """Fill ``stats [6, N]``, ``draft_lse [K, N]`` and ``target_lse [N]`` (float32, unit stride
+    over N) from ``draft_logits [K, N, V]`` and ``target_logits [N, V]`` or None (unit stride over
+    V, any other strides) with float32 ``weights [K]``, on the current stream of their device."""
+    K, N, _ = draft_logits.shape
+    if N == 0:
+        return
+    for name, t in (("stats", stats), ("draft_lse", draft_lse)):
+        if N > 1 and t.stride(1) != 1:
+            raise ValueError(f"{name} needs unit stride over N, got strides {t.stride()}")
+    if N > 1 and target_lse.stride(0) != 1:
+        raise ValueError(f"target_lse needs unit stride, got strides {target_lse.stride()}")
+    if weights.dtype != torch.float32 or weights.device != draft_logits.device:
+        raise TypeError(f"weights must be float32 on {draft_logits.device}, "
+                        f"got {weights.dtype} on {weights.device}")
+    device = draft_logits.device
+    module = _module()
+    problem = _problem(draft_logits, target_logits, decompose)
+    path = forced_path()
+    with torch.cuda.device(device):
+        nbytes = module.draft_uncertainty_plan(**problem, path=path)["workspace"]
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=device) if nbytes else None
+        module.draft_uncertainty(
+            **problem,
+            weights=weights.data_ptr(), weights_stride=weights.stride(0),
+            temperature=float(temperature),
+            stats=stats.data_ptr(), stats_stride=stats.stride(0),
+            draft_lse=draft_lse.data_ptr(), draft_lse_stride=draft_lse.stride(0),
+            target_lse=target_lse.data_ptr(),
+            workspace=0 if workspace is None else workspace.data_ptr(), workspace_bytes=nbytes,
+            stream=torch.cuda.current_stream(device).cuda_stream,
+            path=path,
+        )
