@@ -55,23 +55,37 @@ class DraftEstimator:
         return self.target if self.reference is None else self.reference
 
     @torch.no_grad()
-    def score(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> DraftUncertainty:
+    def score(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *,
+              chunk_size: Optional[int] = None) -> DraftUncertainty:
         """Per-token uncertainty of a given sequence (teacher forcing).
 
         Args:
             input_ids: ``[B, T]``; attention_mask: ``[B, T]`` (0 = padding) or None.
+            chunk_size: score the sequence ``chunk_size`` tokens at a time through the KV caches, so
+                that at most ``(K + 1)·B·chunk_size·V`` logits exist at once (default: all T at once).
 
         Returns:
             :class:`~epikern.DraftUncertainty` with ``[B, T]`` fields (``draft_lse [K, B, T]``);
             position t scores the next-token distribution after token t; padding positions are NaN.
         """
         B, T = input_ids.shape
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if attention_mask is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         else:
             positions = position_ids_from_mask(attention_mask, T)
-        ref = _lm_logits(self._reference, input_ids, attention_mask, positions, None, 0)
-        u = self._uncertainty(self.drafts(input_ids, attention_mask, position_ids=positions), ref)
+        step = T if chunk_size is None else chunk_size
+        chunked = step < T
+        ref_cache = DynamicCache(config=self._reference.config) if chunked else None
+        draft_cache = self.drafts.new_cache(B) if chunked else None
+        parts = []
+        for start in range(0, T, step):
+            ids, pos = input_ids[:, start:start + step], positions[:, start:start + step]
+            mask = None if attention_mask is None else attention_mask[:, :start + step]
+            ref = _lm_logits(self._reference, ids, mask, pos, ref_cache, 0)
+            parts.append(self._uncertainty(self.drafts(ids, mask, draft_cache, position_ids=pos), ref))
+        u = DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*parts)))
         return u if attention_mask is None else _nan_where_not(u, attention_mask.bool())
 
     @torch.no_grad()

@@ -86,3 +86,13 @@ def test_eos_stops_rows_and_sampling_is_seeded(setup):
     assert not math.isnan(float(a.uncertainty.eu.sum()))
     empty = est.generate(ids, mask, max_new_tokens=0)
     assert empty.sequences.shape == (2, 6) and empty.uncertainty.eu.shape == (2, 0)
+
+
+def test_chunked_score_equals_whole_sequence(setup):
+    target, drafts, ids, mask = setup
+    est = DraftEstimator(target, drafts)
+    whole = est.score(ids, mask)
+    _assert_fields_close(est.score(ids, mask, chunk_size=4), whole)
+    _assert_fields_close(est.score(ids[:1], None, chunk_size=1), est.score(ids[:1]))
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):
+        est.score(ids, mask, chunk_size=0)
