@@ -1,8 +1,8 @@
 """Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90 (SPEC §8).
 
 Needs no GPU: ``triton.compile`` with ``GPUTarget("cuda", 80|90, 32)`` produces PTX, which Triton's
-own newest ``ptxas`` (``ptxas-blackwell``; the system ptxas is too old for Triton's PTX) assembles
-with ``-v`` to report registers and spills. Every tile configuration the dispatcher can pick
+own newest ``ptxas`` (``ptxas-blackwell`` where it ships; the system ptxas is too old for Triton's
+PTX) assembles with ``-v`` to report registers and spills. Every tile configuration the dispatcher can pick
 (:func:`epikern.backends.triton.config.all_tile_configs`) is compiled with fp32, fp16 and bf16
 logits (drafts and target of the same dtype) and the specialisation flags that do the most work
 (target present; mixture sweep on), with the pointer/stride divisibility the runtime specialises
@@ -108,11 +108,13 @@ def _signature(fn, spec: Spec):
 
 
 def _ptxas() -> str:
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "ptxas-blackwell")
-    if not os.path.exists(path):
-        pytest.skip(f"Triton's bundled ptxas-blackwell is missing ({path})")
-    return path
+    """Triton's own newest ptxas (``ptxas-blackwell``, else its bundled ``ptxas``)."""
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    for name in ("ptxas-blackwell", "ptxas"):
+        path = os.path.join(bin_dir, name)
+        if os.path.exists(path):
+            return path
+    pytest.skip(f"Triton ships no ptxas in {bin_dir}")
 
 
 _REGS = re.compile(r"Used (\d+) registers")

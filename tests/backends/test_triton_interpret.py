@@ -9,6 +9,11 @@ a GPU the same tests run the compiled kernels and add bf16, a > 2³¹-element in
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -191,6 +196,30 @@ def test_too_many_drafts_raise():
     draft = torch.zeros(config.MAX_K + 1, 1, 16, device=DEVICE)
     with pytest.raises(ValueError, match=f"1 to {config.MAX_K} drafts"):
         ek.draft_uncertainty(draft, backend="triton")
+
+
+def test_cpu_tensors_without_interpreter_raise_clearly():
+    """CPU tensors need kernels built by the interpreter, i.e. TRITON_INTERPRET=1 before import."""
+    code = textwrap.dedent("""
+        import os, torch, epikern as ek
+        x = torch.zeros(2, 1, 8)
+        for step in ("unset", "set too late"):
+            try:
+                ek.draft_uncertainty(x, backend="triton")
+            except ek.BackendUnavailableError as exc:
+                print(step, "->", exc)
+            import epikern.backends.triton.launch  # kernels now built for the GPU
+            os.environ["TRITON_INTERPRET"] = "1"
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2, proc.stdout
+    assert lines[0].startswith("unset -> ") and "set TRITON_INTERPRET=1" in lines[0]
+    assert lines[1].startswith("set too late -> ") and "compiled for the GPU" in lines[1]
 
 
 @gpu_only

@@ -63,10 +63,12 @@ def _split(cfg, draft, target, weights, dense, has_target, decompose, stride_tn,
     K, N, V = draft.shape
     C = cfg.chunks
     chunk_v = cfg.chunk_size(V)
-    f32 = dict(dtype=torch.float32, device=draft.device)
-    ws_d = torch.empty((N, C, 4, cfg.k_pad), **f32)
-    ws_t = torch.empty((N, C, 4), **f32)
-    ws_m = torch.empty((N, C, 4), **f32) if decompose else ws_t
+    # one allocation: draft states [N, C, 4, K_PAD], target states [N, C, 4], mixture sums [N, C, 4]
+    slots = N * C
+    ws = torch.empty(slots * (4 * cfg.k_pad + 8), dtype=torch.float32, device=draft.device)
+    ws_d = ws[: slots * 4 * cfg.k_pad]
+    ws_t = ws[slots * 4 * cfg.k_pad: slots * (4 * cfg.k_pad + 4)]
+    ws_m = ws[slots * (4 * cfg.k_pad + 4):]
     sdk, sdn = draft.stride(0), draft.stride(1)
     grid = (N * C,)
     split_states_kernel[grid](
