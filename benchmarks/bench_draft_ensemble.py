@@ -29,6 +29,7 @@ import transformers
 from transformers import DynamicCache
 
 from epikern.models import DraftEnsemble, StackedKVLayer
+from epikern.models.estimator import hf_cache_keyword
 from epikern.models.layers import StackedDecoderLayer
 
 
@@ -79,7 +80,7 @@ def share_trunk(models, shared):
 def hf_step(models, caches, token):
     def step():
         for m, c in zip(models, caches):
-            m(input_ids=token, cache=c, use_cache=True)
+            m(input_ids=token, use_cache=True, **{hf_cache_keyword(type(m)): c})
             c.crop(-1)
     return step
 
@@ -140,7 +141,7 @@ def main():
 
     caches = [DynamicCache(config=m.config) for m in base_models]
     for m, c in zip(base_models, caches):
-        m(input_ids=prompt, cache=c, use_cache=True)
+        m(input_ids=prompt, use_cache=True, **{hf_cache_keyword(type(m)): c})
     hf_bytes = sum(layer.keys.nbytes + layer.values.nbytes for c in caches for layer in c.layers)
     runners = {"hf": hf_step(base_models, caches, token)}
     ens_bytes = {}

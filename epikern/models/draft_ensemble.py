@@ -109,8 +109,9 @@ class DraftEnsemble(nn.Module):
         biases = _layer_layout(first)
         for m in models[1:]:
             _layer_layout(m)
-        shared = ["model.embed_tokens.weight"] + [
-            f"model.layers.{l}.{name}" for l in range(shared_layers) for name, _ in first.get_decoder().layers[l].named_parameters()
+        prefix = first.base_model_prefix
+        shared = [f"{prefix}.embed_tokens.weight"] + [
+            f"{prefix}.layers.{l}.{name}" for l in range(shared_layers) for name, _ in first.get_decoder().layers[l].named_parameters()
         ]
         reference = dict(first.named_parameters(remove_duplicate=False))
         for i, m in enumerate(models[1:], start=1):

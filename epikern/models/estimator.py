@@ -175,14 +175,14 @@ def _nan_where_not(u: DraftUncertainty, keep: Tensor) -> DraftUncertainty:
 def _lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
                cache: Optional[DynamicCache], logits_to_keep: int) -> Tensor:
     """``[B, T', V]`` logits of an HF causal LM, with generate's explicit ``position_ids``."""
-    kwargs = {_cache_keyword(type(model)): cache, "use_cache": cache is not None}
+    kwargs = {hf_cache_keyword(type(model)): cache, "use_cache": cache is not None}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                 logits_to_keep=logits_to_keep, **kwargs)
     return out.logits
 
 
 @functools.lru_cache(maxsize=None)
-def _cache_keyword(model_type: type) -> str:
+def hf_cache_keyword(model_type: type) -> str:
     """The cache argument of ``model_type.forward``: ``cache`` in recent transformers 5.x releases,
     ``past_key_values`` in earlier ones."""
     return "cache" if "cache" in inspect.signature(model_type.forward).parameters else "past_key_values"

@@ -8,6 +8,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
+from epikern.models.estimator import hf_cache_keyword
 from epikern.models.masks import position_ids_from_mask
 
 CONFIGS = {
@@ -56,7 +57,7 @@ def hf_forward(model, input_ids, attention_mask, cache):
     else:
         position_ids = position_ids_from_mask(attention_mask, T)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                cache=cache, use_cache=cache is not None)
+                use_cache=cache is not None, **{hf_cache_keyword(type(model)): cache})
     return out.logits
 
 
