@@ -176,6 +176,23 @@ def test_save_load_round_trip_stores_trunk_once(tmp_path, arch):
     ids, mask = _inputs(ens.vocab_size, 2, 5, (1, 0))
     assert torch.equal(loaded(ids, mask), ens(ids, mask))
     assert loaded.biases == ens.biases
+    half = DraftEnsemble.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    out = half(ids, mask)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float()[:, mask.bool()], ens(ids, mask)[:, mask.bool()], atol=0.1, rtol=0.05)
+
+
+def test_unsupported_layouts_are_rejected():
+    import transformers
+
+    qwen3 = transformers.AutoModelForCausalLM.from_config(transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8))
+    with pytest.raises(ValueError, match=r"unsupported decoder layer layout .*self_attn\.q_norm\.weight"):
+        DraftEnsemble.from_models([qwen3], shared_layers=0)
+    sliding = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    with pytest.raises(ValueError, match="full-attention layers only"):
+        DraftEnsemble.from_models([sliding], shared_layers=0)
 
 
 def test_branches_train_with_a_frozen_trunk():
