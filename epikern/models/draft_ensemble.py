@@ -181,10 +181,10 @@ class DraftEnsemble(nn.Module):
         arch = dict(meta["config"])
         config = AutoConfig.for_model(arch.pop("model_type"), **arch)
         state = load_file(os.path.join(directory, WEIGHTS_NAME), device=str(device or "cpu"))
-        stored = state["embed_tokens.weight"].dtype
-        ens = cls(config, meta["num_drafts"], meta["shared_layers"], meta["biases"], dtype=stored, device=device)
-        ens.load_state_dict(state)
-        return ens if dtype is None else ens.to(dtype)
+        dtype = dtype or state["embed_tokens.weight"].dtype
+        ens = cls(config, meta["num_drafts"], meta["shared_layers"], meta["biases"], dtype=dtype, device=device)
+        ens.load_state_dict(state)  # casts to ``dtype``; the rotary tables stay float32 as in HF
+        return ens
 
     # ------------------------------------------------------------------------------------------
     # properties
