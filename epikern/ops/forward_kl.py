@@ -73,7 +73,7 @@ def _forward_kl_op(
     ``backend`` is a backend name or ``""`` (automatic); it is resolved here, at run time, so that
     compiled graphs see one opaque call.
     """
-    fwd = _entry("forward_kl", backend, student=student, teacher=teacher)
+    fwd = _entry("forward_kl", backend, student_logits=student, teacher_logits=teacher)
     loss, student_lse, teacher_lse = _row_stats(student, student.shape[0], _loss_dtype(student))
     if student.shape[0] > 0:
         fwd(student, teacher, keep, temperature, loss, student_lse, teacher_lse)
@@ -96,7 +96,8 @@ def _forward_kl_backward_op(
     backend: str,
 ) -> Tensor:
     """``grad_student[i, v] = grad_loss[i] · (q_iv − p_iv) / T`` (zeros where ``grad_loss = 0``)."""
-    bwd = _entry("forward_kl_backward", backend, student=student, teacher=teacher)
+    bwd = _entry("forward_kl_backward", backend, student_logits=student,
+                 teacher_logits=teacher)
     grad_student = torch.empty_like(student, memory_format=torch.contiguous_format)
     if student.shape[0] > 0:
         bwd(grad_loss, student, teacher, student_lse, teacher_lse, temperature, grad_student)
