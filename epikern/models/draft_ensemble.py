@@ -259,6 +259,7 @@ class DraftEnsemble(nn.Module):
         for l, layer in enumerate(self.layers):
             if l == self.shared_layers:
                 h = h.expand(self.num_drafts, -1, -1, -1)
+                mask = None if mask is None else mask.repeat(self.num_drafts, 1, 1, 1)
             h = layer(h, cos, sin, mask, is_causal, None if cache is None else cache.layers[l])
         h = h.expand(self.num_drafts, -1, -1, -1)
         if logits_to_keep > 0:

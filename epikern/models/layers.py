@@ -112,7 +112,8 @@ class StackedDecoderLayer(nn.Module):
         Args:
             x: ``[G, B, T, H]`` hidden states (may be a stride-0 broadcast over G).
             cos, sin: ``[B, T, head_dim]`` rotary tables for the T new positions.
-            mask: boolean ``[B, 1, T, past + T]`` (True = attend) or None.
+            mask: boolean ``[G·B, 1, T, past + T]`` (True = attend; group-major, the batch mask
+                repeated G times) or None.
             is_causal: with ``mask=None``, apply the plain causal mask (prefill without padding).
             kv: this layer's cache (keys/values ``[G, B, kv_heads, past, head_dim]``), or None.
 
@@ -131,7 +132,7 @@ class StackedDecoderLayer(nn.Module):
             q.reshape(G * B, self.num_heads, T, -1),
             k.reshape(G * B, self.num_kv_heads, k.shape[-2], -1),
             v.reshape(G * B, self.num_kv_heads, v.shape[-2], -1),
-            attn_mask=None if mask is None else mask.expand(G, *mask.shape).reshape(G * B, *mask.shape[1:]),
+            attn_mask=mask,
             is_causal=is_causal and mask is None,
             scale=self.scaling,
             enable_gqa=self.num_heads != self.num_kv_heads,
