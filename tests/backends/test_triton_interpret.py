@@ -16,6 +16,8 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import epikern as ek
 from epikern.backends.triton import config
@@ -152,6 +154,28 @@ def test_edge_rows_stay_in_their_row(path):
     assert out.eu[3].item() == float("inf") and out.kl[3].item() == float("inf")
     assert out.eu[0].isfinite().item() and out.jsd[[0, 3]].isfinite().all()
     assert out.eu[[1, 2, 4]].isnan().all()
+
+
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(K=st.integers(1, 5), N=st.integers(1, 3), V=st.integers(1, 300),
+       seed=st.integers(0, 2**31 - 1), shift=st.floats(-40, 40), temperature=st.floats(0.25, 4))
+def test_properties(path, K, N, V, seed, shift, temperature):
+    """eu = jsd + kl, jsd ≥ 0, kl ≥ 0, and invariance to adding a constant to a row's logits."""
+    g = _gen(seed)
+    draft = 3 * torch.randn((K, N, V), generator=g)
+    target = 3 * torch.randn((N, V), generator=g)
+    u = _run(draft, target, temperature=temperature)
+    tol = 1e-4 + 1e-4 * u.eu.abs()
+    assert ((u.jsd + u.kl - u.eu).abs() <= tol).all()
+    assert (u.jsd >= -1e-5).all() and (u.kl >= -1e-5).all()
+    c_draft = shift * torch.rand((K, N, 1), generator=g)
+    c_target = shift * torch.rand((N, 1), generator=g)
+    v = _run(draft + c_draft, target + c_target, temperature=temperature)
+    for name in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):
+        assert_close(name, getattr(v, name), getattr(u, name), atol=2e-4, rtol=2e-4)
+    assert_close("draft_lse", v.draft_lse, u.draft_lse + c_draft[..., 0] / temperature,
+                 atol=2e-4, rtol=2e-4)
 
 
 def test_deterministic(path):

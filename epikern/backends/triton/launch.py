@@ -3,6 +3,7 @@ the split path, launch on the current stream of the tensors' device. No host syn
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Optional
 
 import torch
@@ -45,7 +46,7 @@ def draft_uncertainty_out(
     weights = weights.to(dtype=torch.float32).contiguous()
     inv_temp = 1.0 / float(temperature)
     sdk, sdn = draft_logits.stride(0), draft_logits.stride(1)
-    with torch.cuda.device(draft_logits.device) if draft_logits.is_cuda else _nullcontext():
+    with torch.cuda.device(draft_logits.device) if draft_logits.is_cuda else nullcontext():
         if cfg.path == "row":
             draft_uncertainty_row_kernel[(N,)](
                 draft_logits, target, weights, *dense, N, V, K, sdk, sdn, stride_tn, inv_temp,
@@ -83,10 +84,3 @@ def _split(cfg, draft, target, weights, dense, has_target, decompose, stride_tn,
         weights, ws_d, ws_t, ws_m, *dense, N, K, C, K_PAD=cfg.k_pad, CHUNK_BLOCK=cfg.chunk_block,
         HAS_TARGET=has_target, DECOMPOSE=decompose, num_warps=config.FINALIZE_WARPS)
 
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
