@@ -20,7 +20,6 @@ namespace epikern {
 namespace gpu {
 namespace {
 
-constexpr int kStages = 4;  // bulk-copy pieces per CTA, each with its own mbarrier
 
 // Dynamic shared memory of a cluster CTA (byte offsets; host and device agree on it).
 struct ClusterLayout {
@@ -40,6 +39,10 @@ struct ClusterLayout {
     bytes = part2 + 16;
   }
 };
+
+// sm_90 device helpers: mbarriers and bulk copies (absent from the sm_80 image).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr int kStages = 4;  // bulk-copy pieces per CTA, each with its own mbarrier
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -83,6 +86,7 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, uint32_t b
 __device__ __forceinline__ int64_t stage_begin(int64_t vec_count, int c) {
   return vec_count / 8 * c / kStages * 8;
 }
+#endif
 
 template <class TD, class TP>
 __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64_t row0, int64_t slice) {

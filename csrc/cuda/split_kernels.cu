@@ -49,7 +49,7 @@ __device__ __forceinline__ Span this_span(const DraftArgs& a, const SplitArgs& s
 }
 
 template <class TD, class TP>
-__global__ void __launch_bounds__(kThreads) split_sweep1_kernel(DraftArgs a, SplitArgs s) {
+__global__ void __launch_bounds__(kThreads, 2) split_sweep1_kernel(DraftArgs a, SplitArgs s) {
   const Span sp = this_span(a, s);
   const int K = a.K;
   const TD* draft = static_cast<const TD*>(a.draft) + sp.row * a.draft_stride_n + sp.begin;
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads) split_sweep1_kernel(DraftArgs a, Spl
 }
 
 template <class TD, class TP>
-__global__ void __launch_bounds__(kThreads) split_sweep2_kernel(DraftArgs a, SplitArgs s) {
+__global__ void __launch_bounds__(kThreads, 2) split_sweep2_kernel(DraftArgs a, SplitArgs s) {
   const Span sp = this_span(a, s);
   const int K = a.K;
   extern __shared__ float4 dynamic_smem[];
