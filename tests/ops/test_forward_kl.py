@@ -8,6 +8,7 @@ exactly the values a kernel reads (low-precision inputs are upcast, never re-dra
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -487,6 +488,63 @@ def test_fused_linear_errors():
         ek.fused_linear_forward_kl(h, w, t[:3])
     with pytest.raises(ValueError, match=r"chunk_rows must be a positive int, got 0"):
         ek.fused_linear_forward_kl(h, w, t, chunk_rows=0)
+
+
+# --- Triton ahead-of-time compile (no GPU needed) --------------------------------------------------
+
+_AOT_SCRIPT = textwrap.dedent("""
+    import json, os, subprocess, sys, tempfile
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from epikern.backends.triton import forward_kl
+    from tests.backends.test_triton_aot import _REGS, _SPILL, PTXAS_ARCH
+    fwd, bwd = forward_kl._kernels()
+    block = forward_kl._MAX_BLOCK
+    warps = forward_kl._warps(block)
+    out = []
+    for dt in ("fp32", "fp16", "bf16"):
+        sigs = {
+            "fwd": (fwd, {"S": "*" + dt, "T": "*" + dt, "KEEP": "*i1", "LOSS": "*fp32",
+                          "SLSE": "*fp32", "TLSE": "*fp32", "stride_s": "i64", "stride_t": "i64",
+                          "V": "i32", "inv_temp": "fp32", "HAS_KEEP": "constexpr",
+                          "BLOCK": "constexpr"}, {"HAS_KEEP": True, "BLOCK": block}),
+            "bwd": (bwd, {"G": "*fp32", "S": "*" + dt, "T": "*" + dt, "SLSE": "*fp32",
+                          "TLSE": "*fp32", "OUT": "*" + dt, "stride_s": "i64", "stride_t": "i64",
+                          "stride_o": "i64", "V": "i32", "inv_temp": "fp32",
+                          "BLOCK": "constexpr"}, {"BLOCK": block}),
+        }
+        for name, (fn, sig, const) in sigs.items():
+            for arch in (80, 90):
+                src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const)
+                k = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                   options={"num_warps": warps})
+                with tempfile.TemporaryDirectory() as tmp:
+                    ptx = os.path.join(tmp, "k.ptx")
+                    with open(ptx, "w") as f:
+                        f.write(k.asm["ptx"])
+                    log = subprocess.run([sys.argv[1], "-arch=" + PTXAS_ARCH[arch], "-v", ptx,
+                                          "-o", os.devnull], capture_output=True, text=True,
+                                         check=True).stderr
+                spills = [int(x[1]) + int(x[2]) for x in _SPILL.findall(log)]
+                out.append([name, dt, arch, max(map(int, _REGS.findall(log))), max(spills)])
+    print(json.dumps(out))
+""")
+
+
+def test_triton_kernels_compile_for_sm80_sm90_without_spills():
+    """Both kernels at the production tile (BLOCK=4096, 8 warps), fp32/fp16/bf16 logits, compiled
+    ahead of time for sm_80 and sm_90a in a child process (no ``TRITON_INTERPRET`` there)."""
+    aot = pytest.importorskip("tests.backends.test_triton_aot")
+    ptxas = aot._ptxas()
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, ptxas], capture_output=True,
+                          text=True, env=env, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(rows) == 12
+    for name, dt, arch, regs, spills in rows:
+        assert spills == 0, f"forward_kl {name} {dt} sm_{arch}: {regs} registers, {spills} B spilled"
 
 
 # --- memory ----------------------------------------------------------------------------------------
