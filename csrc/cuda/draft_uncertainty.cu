@@ -60,20 +60,21 @@ bool rows_aligned(const DraftArgs& a, size_t draft_elem, size_t target_elem) {
   return ok;
 }
 
-// Cluster size for the cluster path, or 0: the fewest CTAs whose spans fit the shared-memory
-// target (else the opt-in limit), then more while few rows leave SMs idle (decode shapes).
-int choose_cluster(const DraftArgs& a, int dd, int dp, const DeviceInfo& dev) {
+// Cluster size for the cluster path (at most max_cluster CTAs), or 0: the fewest CTAs whose
+// spans fit the shared-memory target (else the opt-in limit), then more while few rows leave SMs
+// idle (decode shapes).
+int choose_cluster(const DraftArgs& a, int dd, int dp, const DeviceInfo& dev, int max_cluster) {
   const bool has_p = a.target != nullptr;
   auto smem_for = [&](int c) {
     return cluster_smem_bytes(a.K, has_p, round_up8(ceil_div(a.V, c)), dd, dp);
   };
   int c = 0;
-  for (int x = 1; x <= kMaxCluster && c == 0; ++x)
+  for (int x = 1; x <= max_cluster && c == 0; ++x)
     if (smem_for(x) <= kClusterSmemTarget) c = x;
-  for (int x = 1; x <= kMaxCluster && c == 0; ++x)
+  for (int x = 1; x <= max_cluster && c == 0; ++x)
     if (smem_for(x) <= dev.smem_optin) c = x;
   if (c == 0) return 0;
-  while (c < kMaxCluster && a.N * c < 2 * int64_t(dev.sms) &&
+  while (c < max_cluster && a.N * c < 2 * int64_t(dev.sms) &&
          round_up8(ceil_div(a.V, c + 1)) >= kMinSlice)
     ++c;
   return c;
@@ -108,11 +109,14 @@ Plan make_plan(const DraftArgs& a, int dd, int dp, int path) {
   Plan plan;
   plan.vec = rows_aligned(a, de, dtype_bytes(dp));
 
-  if (path != kPathSplit && plan.vec && dev.major >= 9) {
-    const int c = choose_cluster(a, dd, dp, dev);
-    const int64_t slice = c > 0 ? round_up8(ceil_div(a.V, c)) : 0;
-    const size_t smem = c > 0 ? cluster_smem_bytes(a.K, a.target != nullptr, slice, dd, dp) : 0;
-    if (c > 0 && cluster_fits(dd, dp, c, smem)) {
+  // Clusters above 8 CTAs need a non-portable opt-in that a device may refuse: then try <= 8.
+  for (const int max_cluster : {kMaxCluster, 8}) {
+    if (path == kPathSplit || !plan.vec || dev.major < 9) break;
+    const int c = choose_cluster(a, dd, dp, dev, max_cluster);
+    if (c == 0) continue;
+    const int64_t slice = round_up8(ceil_div(a.V, c));
+    const size_t smem = cluster_smem_bytes(a.K, a.target != nullptr, slice, dd, dp);
+    if (cluster_fits(dd, dp, c, smem)) {
       plan.use_cluster = true;
       plan.cluster = c;
       plan.slice = slice;
