@@ -16,9 +16,12 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import epikern as ek
 from epikern import backends
+from epikern.backends import BackendUnavailableError
 from epikern.backends import reference
 from tests._cases import assert_close, make_logits
 
@@ -32,15 +35,26 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
 
+def _missing(name: str) -> str:
+    """Why backend ``name`` cannot run forward_kl here ("" if it can)."""
+    try:
+        backends.entry("forward_kl", name)
+        backends.entry("forward_kl_backward", name)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return ""
+
+
 def _backend_param(name: str, device: str):
-    marks = []
+    """torch and cpu never skip on CPU (CI builds the cpu backend); the others say why they do."""
+    reason = ""
     if device == "cuda" and not HAS_CUDA:
-        marks.append(pytest.mark.skip(reason=f"backend {name!r} on GPU needs a CUDA GPU"))
-    elif name == "triton" and not backends.is_available("triton"):
-        marks.append(pytest.mark.skip(reason="backend 'triton' failed to import here"))
-    elif name == "triton" and not INTERPRET:
-        marks.append(pytest.mark.skip(reason="Triton on CPU needs TRITON_INTERPRET=1 set before "
-                                             "the session starts"))
+        reason = f"backend {name!r} on GPU needs a CUDA GPU"
+    elif name in ("triton", "cuda"):
+        reason = _missing(name)
+        if not reason and name == "triton" and device == "cpu" and not INTERPRET:
+            reason = "Triton on CPU needs TRITON_INTERPRET=1"
+    marks = [pytest.mark.skip(reason=reason)] if reason else []
     return pytest.param((name, device), id=f"{name}-{device}", marks=marks)
 
 
@@ -246,6 +260,36 @@ def test_cpu_gradient_rounding_is_round_to_nearest_even(dtype):
     nan = torch.from_numpy(cpu._cpu.round_float32(torch.tensor([float("nan")]).numpy(),
                                                   cpu._DTYPE_CODES[dtype]))
     assert nan.view(torch.int16).view(dtype).isnan().all()
+
+
+# --- properties (hypothesis) -----------------------------------------------------------------------
+
+@st.composite
+def _pair(draw):
+    N, V = draw(st.integers(1, 4)), draw(st.integers(1, 300))
+    g = _gen(draw(st.integers(0, 2**31 - 1)))
+    kinds = st.sampled_from(["normal", "peaked", "flat"])
+    return (make_logits((N, V), draw(kinds), generator=g),
+            make_logits((N, V), draw(kinds), generator=g), draw(st.floats(0.3, 3.0)))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=_pair(), shifts=st.lists(st.floats(-50, 50), min_size=8, max_size=8))
+def test_properties(backend_name, pair, shifts):
+    """KL ≥ 0; KL(p ‖ p) = 0 with zero gradient; invariant to a constant added to any row."""
+    s, t, T = pair
+    N = s.shape[0]
+    loss = ek.forward_kl(s, t, temperature=T, reduction="none", backend=backend_name)
+    assert (loss >= -1e-5).all()
+    shift = torch.tensor(shifts)
+    moved = ek.forward_kl(s + shift[:N, None], t + shift[4:4 + N, None], temperature=T,
+                          reduction="none", backend=backend_name)
+    assert_close("shifted", moved, loss, atol=2e-4, rtol=2e-4)
+    same = t.clone().requires_grad_()
+    self_kl = ek.forward_kl(same, t, temperature=T, reduction="sum", backend=backend_name)
+    self_kl.backward()
+    assert abs(float(self_kl.detach())) <= 1e-5 and same.grad.abs().max() <= 1e-6
 
 
 # --- fused linear ----------------------------------------------------------------------------------
