@@ -366,6 +366,26 @@ def test_fused_linear_only_hidden_needs_grad(backend):
     assert_close("grad_hidden", h.grad, rgh, atol=1e-6, rtol=1e-4)
 
 
+def test_fused_linear_vocab_size(backend):
+    """A padded LM head: only its first ``vocab_size`` rows count; the rest get zero gradient."""
+    name, device = backend
+    g = _gen(23)
+    hidden = torch.randn(9, 16, generator=g)
+    weight = torch.randn(110, 16, generator=g) / 4
+    teacher = make_logits((9, 100), "normal", generator=g)
+    h = hidden.to(device).requires_grad_()
+    w = weight.to(device).requires_grad_()
+    loss = ek.fused_linear_forward_kl(h, w, teacher.to(device), vocab_size=100, chunk_rows=4,
+                                      backend=name)
+    loss.backward()
+    ref, rgh, rgw = _fused_reference(hidden, weight[:100], teacher, 1.0, "mean", None,
+                                     torch.tensor(1.0))
+    assert_close("loss", loss, ref)
+    assert_close("grad_hidden", h.grad, rgh, atol=1e-6, rtol=1e-4)
+    assert_close("grad_weight", w.grad[:100], rgw, atol=1e-6, rtol=1e-4)
+    assert torch.count_nonzero(w.grad[100:]) == 0
+
+
 # --- float64 gradcheck of the torch backend --------------------------------------------------------
 
 def test_gradcheck_float64_torch_backend():
