@@ -3,7 +3,8 @@
     python benchmarks/bench_forward_kl.py                    # CPU: N=4096, V=32000 fp32
     python benchmarks/bench_forward_kl.py --device cuda      # GPU: N=4096, V=128256 bf16 (gpu_check.sh)
 
-Two problems, each timed as one forward + backward (median of ``--repeats`` after a warm-up):
+Two problems, each timed as one forward + backward (median of ``--repeats`` after a warm-up; each
+row is printed when it is measured, and ``--budget`` stops starting new ones):
 
 * ``forward_kl``: student and teacher logits ``[N, V]``; the gradient w.r.t. the student.
   eager = ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, "batchmean")`` in fp32.
@@ -132,7 +133,34 @@ def _loss_step(loss_fn, inputs):
 
 # --- problems ---------------------------------------------------------------------------------------
 
-def bench_forward_kl(meter, args, methods):
+class _Report:
+    """Prints each result row as soon as it exists (a time-boxed caller keeps what finished)."""
+
+    def __init__(self, copy_gb_s: float, budget_s: float):
+        self.copy_gb_s, self.rows, self.eager = copy_gb_s, [], {}
+        self.deadline = time.perf_counter() + budget_s
+        print("| problem | method | fwd+bwd ms | vs eager | peak extra MiB | GB/s (of copy) |")
+        print("|---|---|---:|---:|---:|---:|", flush=True)
+
+    def out_of_time(self, problem: str, method: str) -> bool:
+        if time.perf_counter() < self.deadline:
+            return False
+        print(f"| {problem} | {method} | skipped: time budget spent | | | |", flush=True)
+        return True
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if row["method"] == "eager":
+            self.eager[row["problem"]] = row["ms"]
+        base = self.eager.get(row["problem"])
+        ratio = f"{base / row['ms']:.2f}×" if base else "–"
+        bw = (f"{row['gb_s']:.1f} ({100 * row['gb_s'] / self.copy_gb_s:.0f}%)"
+              if "gb_s" in row else "–")
+        print(f"| {row['problem']} | {row['method']} | {row['ms']:.1f} | {ratio} | "
+              f"{row['peak_extra_mib']:.0f} | {bw} |", flush=True)
+
+
+def bench_forward_kl(meter, args, methods, report: _Report):
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device=args.device).manual_seed(0)
     student = torch.randn(args.n, args.v, device=args.device, generator=g).mul_(2).to(dtype)
@@ -140,16 +168,16 @@ def bench_forward_kl(meter, args, methods):
     s = student.requires_grad_()
     el = student.element_size()
     moved = args.n * args.v * (2 * el + 2 * teacher.element_size() + el)
-    rows = []
     for name, fn in methods.items():
+        if report.out_of_time("forward_kl", name):
+            continue
         step, clear = _loss_step(lambda s: fn(s, teacher, args.temperature), [s])
         sec, extra = _measure(meter, step, clear, args.repeats)
-        rows.append({"problem": "forward_kl", "method": name, "ms": 1e3 * sec,
-                     "peak_extra_mib": extra / 2**20, "gb_s": moved / sec / 1e9})
-    return rows
+        report.add({"problem": "forward_kl", "method": name, "ms": 1e3 * sec,
+                    "peak_extra_mib": extra / 2**20, "gb_s": moved / sec / 1e9})
 
 
-def bench_fused_linear(meter, args, methods):
+def bench_fused_linear(meter, args, methods, report: _Report):
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device=args.device).manual_seed(1)
     n = args.fused_n
@@ -157,36 +185,25 @@ def bench_fused_linear(meter, args, methods):
     weight = (torch.randn(args.v, args.d, device=args.device, generator=g) / args.d ** 0.5).to(
         dtype).requires_grad_()
     teacher = torch.randn(n, args.v, device=args.device, generator=g).mul_(2).to(dtype)
-    rows = []
     for name, fn in methods.items():
+        if report.out_of_time("fused_linear", name):
+            continue
         step, clear = _loss_step(lambda h, w: fn(h, w, teacher, args.temperature),
                                  [hidden, weight])
         sec, extra = _measure(meter, step, clear, args.repeats)
-        rows.append({"problem": "fused_linear", "method": name, "ms": 1e3 * sec,
-                     "peak_extra_mib": extra / 2**20})
-    return rows
+        report.add({"problem": "fused_linear", "method": name, "ms": 1e3 * sec,
+                    "peak_extra_mib": extra / 2**20})
 
 
 def _methods(args):
-    kl = {"epikern": lambda s, t, T: ek.forward_kl(s, t, temperature=T),
-          "eager": eager_forward_kl}
-    fused = {"epikern": lambda h, w, t, T: ek.fused_linear_forward_kl(h, w, t, temperature=T),
-             "eager": eager_fused_linear}
+    kl = {"eager": eager_forward_kl,
+          "epikern": lambda s, t, T: ek.forward_kl(s, t, temperature=T)}
+    fused = {"eager": eager_fused_linear,
+             "epikern": lambda h, w, t, T: ek.fused_linear_forward_kl(h, w, t, temperature=T)}
     if not args.no_compile:
         kl["torch.compile"] = torch.compile(eager_forward_kl, dynamic=False)
         fused["torch.compile"] = torch.compile(eager_fused_linear, dynamic=False)
     return kl, fused
-
-
-def _table(rows, copy_gb_s: float) -> str:
-    lines = ["| problem | method | fwd+bwd ms | vs eager | peak extra MiB | GB/s (of copy) |",
-             "|---|---|---:|---:|---:|---:|"]
-    eager = {r["problem"]: r["ms"] for r in rows if r["method"] == "eager"}
-    for r in rows:
-        bw = f"{r['gb_s']:.1f} ({100 * r['gb_s'] / copy_gb_s:.0f}%)" if "gb_s" in r else "–"
-        lines.append(f"| {r['problem']} | {r['method']} | {r['ms']:.1f} | "
-                     f"{eager[r['problem']] / r['ms']:.2f}× | {r['peak_extra_mib']:.0f} | {bw} |")
-    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -203,6 +220,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default 3 cpu, 20 cuda)")
     p.add_argument("--only", choices=["forward_kl", "fused_linear"], default=None)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds after which no further method starts (default: none on cpu, "
+                        "100 on cuda, for gpu_check.sh's time box)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     cuda = args.device == "cuda"
@@ -212,29 +232,28 @@ def main(argv=None):
     args.d = args.d or (4096 if cuda else 256)
     args.fused_n = args.fused_n or (8192 if cuda else 2048)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    args.repeats = args.repeats or (20 if cuda else 3)
+    args.repeats = args.repeats or (10 if cuda else 3)
+    args.budget = args.budget if args.budget is not None else (100.0 if cuda else float("inf"))
 
     meter = _Meter(args.device)
     kl, fused = _methods(args)
     copy_gb_s = _copy_bandwidth(meter, args.device, 1 << 30 if cuda else 1 << 28) / 1e9
-    rows = []
-    if args.only in (None, "forward_kl"):
-        rows += bench_forward_kl(meter, args, kl)
-    if args.only in (None, "fused_linear"):
-        rows += bench_fused_linear(meter, args, fused)
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     header = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {args.device} ({device_name}, "
               f"{torch.get_num_threads()} threads) · torch {torch.__version__} · "
               f"forward_kl N={args.n}, fused_linear N={args.fused_n}, d={args.d} · V={args.v} "
               f"{args.dtype} · T={args.temperature} · median of {args.repeats} · copy "
               f"{copy_gb_s:.1f} GB/s")
-    print(header)
-    print(_table(rows, copy_gb_s))
+    print(header, flush=True)
+    report = _Report(copy_gb_s, args.budget)
+    if args.only in (None, "forward_kl"):
+        bench_forward_kl(meter, args, kl, report)
+    if args.only in (None, "fused_linear"):
+        bench_fused_linear(meter, args, fused, report)
     if args.json:
         args.json.write_text(json.dumps({"header": header, "copy_gb_s": copy_gb_s,
                                          "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": rows}, indent=2))
-
+                                         "rows": report.rows}, indent=2))
 
 if __name__ == "__main__":
     main()
