@@ -113,7 +113,8 @@ def _masked_grad(grad_loss: Tensor, keep: Optional[Tensor]) -> Tensor:
     """Upstream per-row gradient as the stats dtype, zero on dropped rows."""
     if keep is None:
         return grad_loss
-    return torch.where(keep, grad_loss, torch.zeros((), dtype=grad_loss.dtype, device=grad_loss.device))
+    zero = torch.zeros((), dtype=grad_loss.dtype, device=grad_loss.device)
+    return torch.where(keep, grad_loss, zero)
 
 
 def _forward_kl_setup(ctx, inputs, output):
