@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from triton.runtime.interpreter import InterpretedFunction
 
 from . import config
 from .row import draft_uncertainty_row_kernel
@@ -16,7 +17,7 @@ from .split import split_finalize_kernel, split_mixture_kernel, split_states_ker
 
 def interpreted() -> bool:
     """Whether the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not hasattr(draft_uncertainty_row_kernel, "cache_key")
+    return isinstance(draft_uncertainty_row_kernel, InterpretedFunction)
 
 
 def draft_uncertainty_out(
@@ -37,6 +38,8 @@ def draft_uncertainty_out(
     """
     K, N, V = draft_logits.shape
     cfg = config.choose(K, N, V, draft_logits.dtype)
+    if N == 0:
+        return
     outs = (stats, draft_lse, target_lse)
     dense = tuple(o if o.is_contiguous() else torch.empty_like(o, memory_format=torch.contiguous_format)
                   for o in outs)
