@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "dtype.h"
@@ -31,12 +32,13 @@ namespace {
 
 constexpr int64_t kBlock1 = 2048;       // sweep-1 block (two 8 KiB buffers)
 constexpr int64_t kSweep2Floats = 8192;  // sweep-2 scratch budget (32 KiB): (2K + 5)·block floats
+constexpr int kMaxFixedK = 8;            // sweep 2 keeps K ≤ 8 values per entry in registers
 
 struct FastExp {
-  float operator()(float x) const { return fast_exp(x); }
+  EPIKERN_INLINE float operator()(float x) const { return fast_exp(x); }
 };
 struct FastLog {
-  float operator()(float x) const { return fast_log(x); }
+  EPIKERN_INLINE float operator()(float x) const { return fast_log(x); }
 };
 
 struct Args {
@@ -57,7 +59,7 @@ struct Args {
 
 // dst[i] = src[i] · inv_t for i < len; returns the max of dst (NaN ignored, −inf if none finite).
 template <class T>
-inline float load_scaled(const T* __restrict src, int64_t len, float inv_t, float* __restrict dst) {
+EPIKERN_INLINE float load_scaled(const T* __restrict src, int64_t len, float inv_t, float* __restrict dst) {
   float mx = -INFINITY;
 #pragma omp simd reduction(max : mx)
   for (int64_t i = 0; i < len; ++i) {
@@ -68,7 +70,8 @@ inline float load_scaled(const T* __restrict src, int64_t len, float inv_t, floa
   return mx;
 }
 
-// Adds a block x[0, len) to `st` (its cross term against y when kCross).
+// Adds a block x[0, len) whose max is `block_max` to `st` (its cross term against y when kCross):
+// origin moved to the block max first, then one vectorised pass.
 template <bool kCross>
 inline void accumulate(SoftmaxState& st, float block_max, const float* __restrict x,
                        const float* __restrict y, int64_t len) {
@@ -87,21 +90,155 @@ inline void accumulate(SoftmaxState& st, float block_max, const float* __restric
   st.c += c;
 }
 
+// How far above the current origin a block may reach before its sums could overflow:
+// kBlock1 · e^64 · 64 < FLT_MAX.
+constexpr float kMaxAhead = 64.f;
+
+// Adds the block src[0, len) · inv_t to `st` in ONE pass over the logits: the exponentials are
+// taken relative to the current origin (the max of the earlier blocks) while the block max is
+// gathered, and the origin moves to the new max afterwards (the rescale of the header). Elements
+// more than 87 below the origin flush to 0: they are below e^-87 of the row's largest term. The
+// scaled values are kept in `x` (L1); a block that starts a row (no origin yet), or that rises
+// more than kMaxAhead above the origin, is redone from `x` with its own max as the origin.
+template <bool kCross, class T>
+inline void accumulate_lazy(SoftmaxState& st, const T* __restrict src, int64_t len, float inv_t,
+                            float* __restrict x, const float* __restrict y) {
+  if (st.m == -INFINITY) {
+    accumulate<kCross>(st, load_scaled(src, len, inv_t, x), x, y, len);
+    return;
+  }
+  const float r = exp_origin(st.m);
+  float s = 0.f, t = 0.f, c = 0.f, mx = -INFINITY;
+#pragma omp simd reduction(+ : s, t, c) reduction(max : mx)
+  for (int64_t i = 0; i < len; ++i) {
+    const float v = to_float(src[i]) * inv_t;
+    x[i] = v;
+    mx = v > mx ? v : mx;
+    const SoftmaxTerms d = softmax_terms(v, kCross ? y[i] : v, r, FastExp{});
+    s += d.e;
+    t += d.t;
+    if (kCross) c += d.c;
+  }
+  if (mx > r + kMaxAhead) {  // rare: a jump of the max by more than kMaxAhead
+    accumulate<kCross>(st, mx, x, y, len);
+    return;
+  }
+  st.s += s;
+  st.t += t;
+  st.c += c;
+  softmax_rescale(st, mx, FastExp{});
+}
+
 // Per-thread scratch, sized once per call.
 struct Scratch {
-  std::vector<float> x, y;           // sweep 1: one draft block, the reference block
+  std::vector<float> x, y;           // sweep 1: one draft block; sweeps 1/2: the reference block
   std::vector<float> l, e;           // sweep 2: K × block2 log-weights l_k and e^{l_k − r}
-  std::vector<float> r, S, J, lq;    // sweep 2: per entry origin, Σ e_k, Σ jsd terms, log q̄
+  std::vector<float> r, S, J, lq;    // sweep 2, K > kMaxFixedK: per entry origin, Σ e_k, Σ jsd, log q̄
   std::vector<SoftmaxState> states;  // K drafts
   std::vector<float> lse;            // K draft log-normalisers
   Scratch(int64_t K, int64_t block2)
-      : x(kBlock1), y(std::max(kBlock1, block2)), l(K * block2), e(K * block2), r(block2),
-        S(block2), J(block2), lq(block2), states(K), lse(K) {}
+      : x(kBlock1), y(std::max(kBlock1, block2)), l(K * block2), e(K > kMaxFixedK ? K * block2 : 0),
+        r(block2), S(block2), J(block2), lq(block2), states(K), lse(K) {}
 };
+
+// Sweep-2 sums over one block of entries.
+struct MixtureSums {
+  float jsd, entropy, kl;
+};
+
+// Sums of the sweep-2 terms over entries [0, len) of a block, from l_k in sc.l (row k at
+// k·ld), the reference block in sc.y (kHasP) and the K log-weights.
+using MixtureBlockFn = MixtureSums (*)(Scratch& sc, int64_t ld, int64_t K, const float* log_w,
+                                       float lse_p, int64_t len);
+
+// K ≤ kMaxFixedK: one vectorised pass, the K values of an entry in registers (mixture_terms).
+template <int K, bool kHasP>
+MixtureSums mixture_block_fixed(Scratch& sc, int64_t ld, int64_t, const float* log_w, float lse_p,
+                                int64_t len) {
+  float lw[K];
+  for (int k = 0; k < K; ++k) lw[k] = log_w[k];
+  const float* __restrict lb = sc.l.data();
+  const float* __restrict yb = sc.y.data();
+  float bj = 0.f, bh = 0.f, bk = 0.f;
+#pragma omp simd reduction(+ : bj, bh, bk)
+  for (int64_t i = 0; i < len; ++i) {
+    const MixtureTerms mt = mixture_terms(lb + i, ld, lw, K, kHasP, kHasP ? yb[i] : 0.f, lse_p,
+                                          FastExp{}, FastLog{});
+    bj += mt.jsd;
+    bh += mt.entropy;
+    bk += mt.kl;
+  }
+  return {bj, bh, bk};
+}
+
+// Any K: the stages of mixture_terms as loops over k outside and entries inside.
+template <bool kHasP>
+MixtureSums mixture_block_staged(Scratch& sc, int64_t ld, int64_t K, const float* log_w,
+                                 float lse_p, int64_t len) {
+  float* __restrict rb = sc.r.data();
+  float* __restrict Sb = sc.S.data();
+  float* __restrict Jb = sc.J.data();
+  float* __restrict lqb = sc.lq.data();
+  const float* __restrict yb = sc.y.data();
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) {
+    rb[i] = -INFINITY;
+    Sb[i] = 0.f;
+    Jb[i] = 0.f;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict lk = sc.l.data() + k * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) rb[i] = lk[i] > rb[i] ? lk[i] : rb[i];
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) rb[i] = exp_origin(rb[i]);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict lk = sc.l.data() + k * ld;
+    float* __restrict ek = sc.e.data() + k * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) {
+      ek[i] = fast_exp(lk[i] - rb[i]);
+      Sb[i] += ek[i];
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < len; ++i) lqb[i] = rb[i] + fast_log(Sb[i]);
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict lk = sc.l.data() + k * ld;
+    const float* __restrict ek = sc.e.data() + k * ld;
+    const float lw = log_w[k];
+#pragma omp simd
+    for (int64_t i = 0; i < len; ++i) Jb[i] += mixture_jsd_term(ek[i], lk[i], lw, lqb[i]);
+  }
+  float bj = 0.f, bh = 0.f, bk = 0.f;
+#pragma omp simd reduction(+ : bj, bh, bk)
+  for (int64_t i = 0; i < len; ++i) {
+    const MixtureTerms mt = mixture_finish(rb[i], Sb[i], Jb[i], lqb[i], kHasP,
+                                           kHasP ? yb[i] : 0.f, lse_p, FastExp{});
+    bj += mt.jsd;
+    bh += mt.entropy;
+    bk += mt.kl;
+  }
+  return {bj, bh, bk};
+}
+
+template <bool kHasP, int... Ks>
+MixtureBlockFn select_mixture_block(int64_t K, std::integer_sequence<int, Ks...>) {
+  MixtureBlockFn fn = mixture_block_staged<kHasP>;
+  ((K == Ks + 1 ? (fn = mixture_block_fixed<Ks + 1, kHasP>, 0) : 0), ...);
+  return fn;
+}
+
+template <bool kHasP>
+MixtureBlockFn select_mixture_block(int64_t K) {
+  return select_mixture_block<kHasP>(K, std::make_integer_sequence<int, kMaxFixedK>{});
+}
 
 template <class TD, class TP, bool kHasP>
 int64_t draft_uncertainty_row(const Args& a, int64_t n, int64_t block2,
-                              const std::vector<float>& log_w, Scratch& sc) {
+                              const std::vector<float>& log_w, MixtureBlockFn mixture_block,
+                              Scratch& sc) {
   const int64_t K = a.K, V = a.V;
   const TD* draft = static_cast<const TD*>(a.draft) + n * a.draft_stride_n;
   const TP* target = kHasP ? static_cast<const TP*>(a.target) + n * a.target_stride_n : nullptr;
@@ -114,13 +251,12 @@ int64_t draft_uncertainty_row(const Args& a, int64_t n, int64_t block2,
   for (int64_t v0 = 0; v0 < V; v0 += kBlock1) {
     const int64_t len = std::min(kBlock1, V - v0);
     if (kHasP) {
-      const float my = load_scaled(target + v0, len, inv_t, sc.y.data());
-      accumulate<false>(sp, my, sc.y.data(), sc.y.data(), len);
+      accumulate_lazy<false>(sp, target + v0, len, inv_t, sc.y.data(), nullptr);
       read += len;
     }
     for (int64_t k = 0; k < K; ++k) {
-      const float mx = load_scaled(draft + k * a.draft_stride_k + v0, len, inv_t, sc.x.data());
-      accumulate<kHasP>(sc.states[k], mx, sc.x.data(), sc.y.data(), len);
+      accumulate_lazy<kHasP>(sc.states[k], draft + k * a.draft_stride_k + v0, len, inv_t,
+                             sc.x.data(), sc.y.data());
       read += len;
     }
   }
@@ -141,69 +277,24 @@ int64_t draft_uncertainty_row(const Args& a, int64_t n, int64_t block2,
   float jsd = nan, mixture_entropy = nan, kl = nan;
   if (a.decompose) {
     jsd = mixture_entropy = kl = 0.f;
-    float* __restrict lb = sc.l.data();
-    float* __restrict eb = sc.e.data();
-    float* __restrict rb = sc.r.data();
-    float* __restrict Sb = sc.S.data();
-    float* __restrict Jb = sc.J.data();
-    float* __restrict lqb = sc.lq.data();
-    const float* __restrict yb = sc.y.data();
     for (int64_t v0 = 0; v0 < V; v0 += block2) {
       const int64_t len = std::min(block2, V - v0);
       if (kHasP) {
         load_scaled(target + v0, len, inv_t, sc.y.data());
         read += len;
       }
-      for (int64_t i = 0; i < len; ++i) rb[i] = -INFINITY;  // running max_k l_k
       for (int64_t k = 0; k < K; ++k) {
-        const TD* src = draft + k * a.draft_stride_k + v0;
-        float* __restrict lk = lb + k * block2;
+        const TD* __restrict src = draft + k * a.draft_stride_k + v0;
+        float* __restrict lk = sc.l.data() + k * block2;
         const float lw = log_w[k], lse = sc.lse[k];
 #pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float l = mixture_log_weight(lw, to_float(src[i]) * inv_t, lse);
-          lk[i] = l;
-          rb[i] = l > rb[i] ? l : rb[i];
-        }
+        for (int64_t i = 0; i < len; ++i) lk[i] = mixture_log_weight(lw, to_float(src[i]) * inv_t, lse);
         read += len;
       }
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) {
-        rb[i] = exp_origin(rb[i]);
-        Sb[i] = 0.f;
-        Jb[i] = 0.f;
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict lk = lb + k * block2;
-        float* __restrict ek = eb + k * block2;
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) {
-          const float e = fast_exp(lk[i] - rb[i]);
-          ek[i] = e;
-          Sb[i] += e;
-        }
-      }
-#pragma omp simd
-      for (int64_t i = 0; i < len; ++i) lqb[i] = rb[i] + fast_log(Sb[i]);
-      for (int64_t k = 0; k < K; ++k) {
-        const float* __restrict lk = lb + k * block2;
-        const float* __restrict ek = eb + k * block2;
-        const float lw = log_w[k];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) Jb[i] += mixture_jsd_term(ek[i], lk[i], lw, lqb[i]);
-      }
-      float bj = 0.f, bh = 0.f, bk = 0.f;
-#pragma omp simd reduction(+ : bj, bh, bk)
-      for (int64_t i = 0; i < len; ++i) {
-        const MixtureTerms mt = mixture_finish(rb[i], Sb[i], Jb[i], lqb[i], kHasP,
-                                               kHasP ? yb[i] : 0.f, lse_p, FastExp{});
-        bj += mt.jsd;
-        bh += mt.entropy;
-        bk += mt.kl;
-      }
-      jsd += bj;
-      mixture_entropy += bh;
-      kl += bk;
+      const MixtureSums b = mixture_block(sc, block2, K, log_w.data(), lse_p, len);
+      jsd += b.jsd;
+      mixture_entropy += b.entropy;
+      kl += b.kl;
     }
     if (!kHasP) kl = nan;
   }
@@ -224,6 +315,7 @@ template <class TD, class TP, bool kHasP>
 int64_t draft_uncertainty_rows(const Args& a, int num_threads) {
   // Sweep-2 block: (2K + 5) floats per entry in the scratch budget, a multiple of 64 entries.
   const int64_t block2 = std::max<int64_t>(64, (kSweep2Floats / (2 * a.K + 5)) / 64 * 64);
+  const MixtureBlockFn mixture_block = select_mixture_block<kHasP>(a.K);
   std::vector<float> log_w(a.K);
   for (int64_t k = 0; k < a.K; ++k) log_w[k] = std::log(a.weights[k]);
   int64_t read = 0;
@@ -232,7 +324,7 @@ int64_t draft_uncertainty_rows(const Args& a, int num_threads) {
     Scratch sc(a.K, block2);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < a.N; ++n)
-      read += draft_uncertainty_row<TD, TP, kHasP>(a, n, block2, log_w, sc);
+      read += draft_uncertainty_row<TD, TP, kHasP>(a, n, block2, log_w, mixture_block, sc);
   }
   return read;
 }

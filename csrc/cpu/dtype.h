@@ -19,9 +19,9 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-inline float to_float(float v) { return v; }
-inline float to_float(Half v) { return half_to_float(v.bits); }
-inline float to_float(BFloat16 v) { return bf16_to_float(v.bits); }
+EPIKERN_INLINE float to_float(float v) { return v; }
+EPIKERN_INLINE float to_float(Half v) { return half_to_float(v.bits); }
+EPIKERN_INLINE float to_float(BFloat16 v) { return bf16_to_float(v.bits); }
 
 // Calls f(T{}) with T the storage type of `code`.
 template <class F>

@@ -7,15 +7,17 @@
 #include <cstring>
 #include <limits>
 
+#include "epikern/online_softmax.h"  // EPIKERN_INLINE
+
 namespace epikern::cpu {
 
-inline float bits_to_float(uint32_t u) {
+EPIKERN_INLINE float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
 
-inline uint32_t float_to_bits(float f) {
+EPIKERN_INLINE uint32_t float_to_bits(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
   return u;
@@ -24,7 +26,7 @@ inline uint32_t float_to_bits(float f) {
 // e^x with ~1 ulp error on [−87.3, 88.7] (Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, and the
 // degree-6 polynomial of Cephes expf). x < −87.3 (incl. −inf) → 0 (results that would be
 // denormal are flushed), x > 88.7 → +inf, NaN → NaN.
-inline float fast_exp(float x) {
+EPIKERN_INLINE float fast_exp(float x) {
   constexpr float kLo = -87.33654475f;  // e^kLo = FLT_MIN
   constexpr float kHi = 88.7228391f;    // e^kHi = FLT_MAX
   const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);  // NaN passes through
@@ -50,7 +52,7 @@ inline float fast_exp(float x) {
 
 // log x with ~1 ulp error for every positive float including denormals (Cephes logf polynomial).
 // log 0 = −inf, log(+inf) = +inf, log(x < 0) = NaN, log NaN = NaN.
-inline float fast_log(float x) {
+EPIKERN_INLINE float fast_log(float x) {
   const bool denormal = x < 1.17549435e-38f;
   const float xs = denormal ? x * 8388608.f : x;  // 2^23 lifts denormals into the normal range
   const uint32_t u = float_to_bits(xs);
@@ -82,7 +84,7 @@ inline float fast_log(float x) {
 }
 
 // IEEE half → float, exact for normals, denormals, ±inf and NaN (bit manipulation; no F16C needed).
-inline float half_to_float(uint16_t h) {
+EPIKERN_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;  // exponent + mantissa
   // Rebias by a multiply: 2^112 = 2^(127 − 15); half denormals become exact float normals.
@@ -93,6 +95,6 @@ inline float half_to_float(uint16_t h) {
 }
 
 // bfloat16 → float: the upper 16 bits of a float.
-inline float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+EPIKERN_INLINE float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 }  // namespace epikern::cpu

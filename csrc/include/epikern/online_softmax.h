@@ -25,12 +25,18 @@
 
 #include <math.h>
 
+// EPIKERN_INLINE: always inlined, so that the vectoriser sees straight-line code in the callers'
+// loops whatever the inliner's budget (e.g. under LTO).
 #ifdef __CUDACC__
 #define EPIKERN_HOST_DEVICE __host__ __device__
+#define EPIKERN_INLINE __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define EPIKERN_HOST_DEVICE
+#define EPIKERN_INLINE inline __attribute__((always_inline))
 #else
 #define EPIKERN_HOST_DEVICE
+#define EPIKERN_INLINE inline
 #endif
-#define EPIKERN_INLINE EPIKERN_HOST_DEVICE inline
 
 namespace epikern {
 
