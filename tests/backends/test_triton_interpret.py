@@ -136,6 +136,28 @@ def test_strided_rows(path):
     assert_close_stats(_run(draft, target), reference_stats(draft, target))
 
 
+def test_strided_outputs_of_the_entry_point(path):
+    """The backend entry point also fills non-contiguous output tensors."""
+    from epikern.backends import entry
+    from epikern.backends.reference import STATS
+
+    g = _gen(22)
+    K, N, V = 3, 2, 1000
+    draft = make_logits((K, N, V), "normal", generator=g)
+    target = make_logits((N, V), "normal", generator=g)
+    stats = torch.full((N, len(STATS)), 7.0, device=DEVICE).t()
+    draft_lse = torch.full((N, K), 7.0, device=DEVICE).t()
+    target_lse = torch.full((2 * N,), 7.0, device=DEVICE)[::2]
+    weights = torch.full((K,), 1 / K, device=DEVICE)
+    entry("draft_uncertainty", "triton")(draft.to(DEVICE), target.to(DEVICE), weights, 1.0, True,
+                                         stats, draft_lse, target_lse)
+    ref = reference_stats(draft, target)
+    for i, name in enumerate(STATS):
+        assert_close(name, stats[i], ref[name])
+    assert_close("draft_lse", draft_lse, ref["draft_lse"])
+    assert_close("target_lse", target_lse, ref["target_lse"])
+
+
 def test_edge_rows_stay_in_their_row(path):
     """−inf entries, an all −inf draft row, NaN, and mass where p = 0 (kl = eu = +inf)."""
     g = _gen(17)
