@@ -125,11 +125,16 @@ def mixture_block(x, y, lse, log_w, lse_p, HAS_TARGET: tl.constexpr):
 
 
 @triton.jit
+def load_raw(D, k, kmask, stride_dk, offs, vmask):
+    """``[K_PAD, B]`` logits (their own dtype) of the draft rows at ``D``; padding is ``−inf``."""
+    ptrs = D + k.to(tl.int64)[:, None] * stride_dk + offs[None, :]
+    return tl.load(ptrs, mask=kmask[:, None] & vmask[None, :], other=float("-inf"))
+
+
+@triton.jit
 def load_tile(D, k, kmask, stride_dk, offs, vmask, inv_temp):
     """``[K_PAD, B]`` fp32 tile of ``z / T`` from draft row pointer ``D``; padding is ``−inf``."""
-    ptrs = D + k.to(tl.int64)[:, None] * stride_dk + offs[None, :]
-    x = tl.load(ptrs, mask=kmask[:, None] & vmask[None, :], other=float("-inf"))
-    return x.to(tl.float32) * inv_temp
+    return load_raw(D, k, kmask, stride_dk, offs, vmask).to(tl.float32) * inv_temp
 
 
 @triton.jit
@@ -137,6 +142,42 @@ def load_target(T, offs, vmask, inv_temp):
     """``[B]`` fp32 ``z_p / T`` of one target row; padding is ``−inf``."""
     y = tl.load(T + offs, mask=vmask, other=float("-inf"))
     return y.to(tl.float32) * inv_temp
+
+
+@triton.jit
+def sweep_states(D, T, k, kmask, stride_dk, lo, hi, inv_temp,
+                 K_PAD: tl.constexpr, BLOCK_V: tl.constexpr, HAS_TARGET: tl.constexpr):
+    """Online-softmax states of vocabulary entries ``[lo, hi)`` of the draft rows at ``D`` and the
+    target row at ``T``: ``(m, s, t, c)`` each ``[K_PAD]``, ``(mp, sp, tp)`` each ``[1]``.
+
+    The loads of the next block are issued before the current block is reduced (a register double
+    buffer of raw, not yet upcast, logits) so that memory latency overlaps the arithmetic; past
+    ``hi`` they are fully masked and move no bytes.
+    """
+    v = tl.arange(0, BLOCK_V)
+    m = tl.full([K_PAD], float("-inf"), tl.float32)
+    s = tl.zeros([K_PAD], tl.float32)
+    t = tl.zeros([K_PAD], tl.float32)
+    c = tl.zeros([K_PAD], tl.float32)
+    mp = tl.full([1], float("-inf"), tl.float32)
+    sp = tl.zeros([1], tl.float32)
+    tp = tl.zeros([1], tl.float32)
+    offs = lo + v
+    x_next = load_raw(D, k, kmask, stride_dk, offs, offs < hi)
+    if HAS_TARGET:
+        y_next = tl.load(T + offs, mask=offs < hi, other=float("-inf"))
+    for start in range(lo, hi, BLOCK_V):
+        x = x_next.to(tl.float32) * inv_temp
+        offs = start + BLOCK_V + v
+        x_next = load_raw(D, k, kmask, stride_dk, offs, offs < hi)
+        if HAS_TARGET:
+            y = y_next.to(tl.float32)[None, :] * inv_temp
+            y_next = tl.load(T + offs, mask=offs < hi, other=float("-inf"))
+            m, s, t, c = block_update(m, s, t, c, x, y, True)
+            mp, sp, tp, _ = block_update(mp, sp, tp, tp, y, y, False)
+        else:
+            m, s, t, c = block_update(m, s, t, c, x, x, False)
+    return m, s, t, c, mp, sp, tp
 
 
 @triton.jit

@@ -9,7 +9,8 @@ L2) come first. Offsets are int64; any strides on K and N; unit stride on V.
 import triton
 import triton.language as tl
 
-from ._online import block_update, finish_states, load_target, load_tile, mixture_block, store_row
+from ._online import (finish_states, load_target, load_tile, mixture_block, store_row,
+                      sweep_states)
 
 
 @triton.jit
@@ -27,24 +28,8 @@ def draft_uncertainty_row_kernel(
     v = tl.arange(0, BLOCK_V)
     d_row = D + n * stride_dn
     t_row = T + n * stride_tn
-
-    m = tl.full([K_PAD], float("-inf"), tl.float32)
-    s = tl.zeros([K_PAD], tl.float32)
-    t = tl.zeros([K_PAD], tl.float32)
-    c = tl.zeros([K_PAD], tl.float32)
-    mp = tl.full([1], float("-inf"), tl.float32)
-    sp = tl.zeros([1], tl.float32)
-    tp = tl.zeros([1], tl.float32)
-    for start in range(0, V, BLOCK_V):
-        offs = start + v
-        vmask = offs < V
-        x = load_tile(d_row, k, kmask, stride_dk, offs, vmask, inv_temp)
-        if HAS_TARGET:
-            y = load_target(t_row, offs, vmask, inv_temp)[None, :]
-            m, s, t, c = block_update(m, s, t, c, x, y, True)
-            mp, sp, tp, _ = block_update(mp, sp, tp, tp, y, y, False)
-        else:
-            m, s, t, c = block_update(m, s, t, c, x, x, False)
+    m, s, t, c, mp, sp, tp = sweep_states(d_row, t_row, k, kmask, stride_dk, 0, V, inv_temp,
+                                          K_PAD, BLOCK_V, HAS_TARGET)
 
     w = tl.load(W + k, mask=kmask, other=0.0)
     eu, draft_entropy, target_entropy, lse, lse_p = finish_states(

@@ -18,8 +18,8 @@ No atomics and a fixed reduction order: results are deterministic. Workspace: O(
 import triton
 import triton.language as tl
 
-from ._online import (block_update, finish_states, fold_states, load_target, load_tile,
-                      merge_states, mixture_block, store_row)
+from ._online import (finish_states, fold_states, load_target, load_tile, merge_states,
+                      mixture_block, store_row, sweep_states)
 
 
 @triton.jit
@@ -35,27 +35,8 @@ def split_states_kernel(
     hi = tl.minimum(lo + CHUNK_V, V)
     k = tl.arange(0, K_PAD)
     kmask = k < K
-    v = tl.arange(0, BLOCK_V)
-    d_row = D + n * stride_dn
-    t_row = T + n * stride_tn
-
-    m = tl.full([K_PAD], float("-inf"), tl.float32)
-    s = tl.zeros([K_PAD], tl.float32)
-    t = tl.zeros([K_PAD], tl.float32)
-    c = tl.zeros([K_PAD], tl.float32)
-    mp = tl.full([1], float("-inf"), tl.float32)
-    sp = tl.zeros([1], tl.float32)
-    tp = tl.zeros([1], tl.float32)
-    for start in range(lo, hi, BLOCK_V):
-        offs = start + v
-        vmask = offs < hi
-        x = load_tile(d_row, k, kmask, stride_dk, offs, vmask, inv_temp)
-        if HAS_TARGET:
-            y = load_target(t_row, offs, vmask, inv_temp)[None, :]
-            m, s, t, c = block_update(m, s, t, c, x, y, True)
-            mp, sp, tp, _ = block_update(mp, sp, tp, tp, y, y, False)
-        else:
-            m, s, t, c = block_update(m, s, t, c, x, x, False)
+    m, s, t, c, mp, sp, tp = sweep_states(D + n * stride_dn, T + n * stride_tn, k, kmask,
+                                          stride_dk, lo, hi, inv_temp, K_PAD, BLOCK_V, HAS_TARGET)
 
     ws = WS_D + pid * (4 * K_PAD) + k
     tl.store(ws, m)
