@@ -60,23 +60,24 @@ bool rows_aligned(const DraftArgs& a, size_t draft_elem, size_t target_elem) {
   return ok;
 }
 
-// Cluster size for the cluster path (at most max_cluster CTAs), or 0: the fewest CTAs whose
-// spans fit the shared-memory target (else the opt-in limit), then more while few rows leave SMs
-// idle (decode shapes).
+// Cluster size for the cluster path (a power of two up to max_cluster), or 0: the fewest CTAs
+// whose spans fit the shared-memory target (else the opt-in limit), then more while few rows
+// leave SMs idle (decode shapes). Powers of two pack the 16–18 SMs of a GPC without leaving
+// slots that no whole cluster fits in.
 int choose_cluster(const DraftArgs& a, int dd, int dp, const DeviceInfo& dev, int max_cluster) {
   const bool has_p = a.target != nullptr;
   auto smem_for = [&](int c) {
     return cluster_smem_bytes(a.K, has_p, round_up8(ceil_div(a.V, c)), dd, dp);
   };
   int c = 0;
-  for (int x = 1; x <= max_cluster && c == 0; ++x)
+  for (int x = 1; x <= max_cluster && c == 0; x *= 2)
     if (smem_for(x) <= kClusterSmemTarget) c = x;
-  for (int x = 1; x <= max_cluster && c == 0; ++x)
+  for (int x = 1; x <= max_cluster && c == 0; x *= 2)
     if (smem_for(x) <= dev.smem_optin) c = x;
   if (c == 0) return 0;
-  while (c < max_cluster && a.N * c < 2 * int64_t(dev.sms) &&
-         round_up8(ceil_div(a.V, c + 1)) >= kMinSlice)
-    ++c;
+  while (2 * c <= max_cluster && a.N * c < 2 * int64_t(dev.sms) &&
+         round_up8(ceil_div(a.V, 2 * c)) >= kMinSlice)
+    c *= 2;
   return c;
 }
 
