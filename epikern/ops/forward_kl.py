@@ -173,6 +173,32 @@ def _(hidden, weight, teacher, keep, temperature, chunk_rows, backend):
     return _row_stats(hidden, hidden.shape[0], _loss_dtype(hidden))
 
 
+def _grad_buffers(hidden: Tensor, weight: Tensor, need_hidden: bool,
+                  need_weight: bool) -> tuple[Tensor, Tensor]:
+    """``grad_hidden`` (hidden's dtype) and the zeroed float32 ``dW`` accumulator, or ``[0]``."""
+    grad_hidden = hidden.new_empty(hidden.shape if need_hidden else (0,))
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    grad_weight32 = torch.zeros(weight.shape if need_weight else (0,), dtype=dtype,
+                                device=weight.device)
+    return grad_hidden, grad_weight32
+
+
+def _chunk_grads(g: Tensor, hidden: Tensor, weight: Tensor, rows: slice, grad_hidden: Tensor,
+                 grad_weight32: Tensor) -> None:
+    """``grad_hidden[rows] = G @ W`` and ``dW += G.T @ h[rows]`` for a chunk's logit gradient G.
+
+    For fp16/bf16 weights each chunk's ``G.T @ h`` is one GEMM with fp32 accumulation inside,
+    rounded once before it is added to the float32 ``dW``. Empty buffers are skipped.
+    """
+    if grad_hidden.numel():
+        torch.mm(g, weight, out=grad_hidden[rows])
+    if grad_weight32.numel():
+        if grad_weight32.dtype == g.dtype:
+            grad_weight32.addmm_(g.t(), hidden[rows])
+        else:
+            grad_weight32.add_(g.t() @ hidden[rows])
+
+
 @torch.library.custom_op("epikern::fused_linear_forward_kl_backward", mutates_args=())
 def _fused_linear_backward_op(
     grad_loss: Tensor,
@@ -190,32 +216,18 @@ def _fused_linear_backward_op(
     """``(grad_hidden [N, d], grad_weight [V, d])``; a gradient not needed is returned as ``[0]``.
 
     Per chunk: recompute ``logits = h_c @ W.T``, overwrite them in place with
-    ``G = grad_loss · (q − p) / T``, then ``grad_h_c = G @ W`` and ``dW += G.T @ h_c``. ``dW`` is
-    accumulated across chunks in float32 (for fp16/bf16 weights each chunk's product is one GEMM
-    with fp32 accumulation inside, rounded once before it is added).
+    ``G = grad_loss · (q − p) / T``, then ``grad_h_c = G @ W`` and ``dW += G.T @ h_c``
+    (:func:`_chunk_grads`; ``dW`` is accumulated across chunks in float32).
     """
     bwd = _entry("forward_kl_backward", backend, student_hidden=hidden, teacher_logits=teacher)
     N = hidden.shape[0]
-    grad_hidden = hidden.new_empty(hidden.shape) if need_hidden else hidden.new_empty((0,))
-    grad_weight32 = (
-        torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
-                    device=weight.device)
-        if need_weight else weight.new_empty((0,))
-    )
+    grad_hidden, grad_weight32 = _grad_buffers(hidden, weight, need_hidden, need_weight)
     for start in range(0, N, chunk_rows):
         rows = slice(start, min(start + chunk_rows, N))
-        h = hidden[rows]
-        g = h @ weight.t()
+        g = hidden[rows] @ weight.t()
         bwd(grad_loss[rows], g, teacher[rows], student_lse[rows], teacher_lse[rows], temperature, g)
-        if need_hidden:
-            torch.mm(g, weight, out=grad_hidden[rows])
-        if need_weight:
-            if grad_weight32.dtype == g.dtype:
-                grad_weight32.addmm_(g.t(), h)
-            else:
-                grad_weight32.add_(g.t() @ h)
-    grad_weight = grad_weight32.to(weight.dtype) if need_weight else grad_weight32
-    return grad_hidden, grad_weight
+        _chunk_grads(g, hidden, weight, rows, grad_hidden, grad_weight32)
+    return grad_hidden, grad_weight32.to(weight.dtype)
 
 
 @_fused_linear_backward_op.register_fake
@@ -247,6 +259,71 @@ def _fused_linear_backward(ctx, grad_loss, _grad_student_lse, _grad_teacher_lse)
 
 
 _fused_linear_op.register_autograd(_fused_linear_backward, setup_context=_fused_linear_setup)
+
+
+@torch.library.custom_op("epikern::fused_linear_forward_kl_sum", mutates_args=())
+def _fused_linear_sum_op(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher: Tensor,
+    keep: Optional[Tensor],
+    temperature: float,
+    chunk_rows: int,
+    need_hidden: bool,
+    need_weight: bool,
+    backend: str,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(Σ_kept loss_row, its gradient w.r.t. hidden, w.r.t. weight (float32))`` in one pass.
+
+    For the scalar reductions the upstream gradient is one number, so the gradients are formed
+    per chunk right after the loss (3 GEMMs in all, as Liger's fused-linear losses do) and only
+    scaled in backward, instead of recomputing the logits there (4 GEMMs).
+    """
+    fwd = _entry("forward_kl", backend, student_hidden=hidden, teacher_logits=teacher)
+    bwd = _entry("forward_kl_backward", backend, student_hidden=hidden, teacher_logits=teacher)
+    N = hidden.shape[0]
+    loss, student_lse, teacher_lse = _row_stats(hidden, N, _loss_dtype(hidden))
+    unit = (loss.new_ones((N,)) if keep is None else keep.to(loss.dtype))
+    grad_hidden, grad_weight32 = _grad_buffers(hidden, weight, need_hidden, need_weight)
+    for start in range(0, N, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, N))
+        g = hidden[rows] @ weight.t()
+        fwd(g, teacher[rows], None if keep is None else keep[rows], temperature, loss[rows],
+            student_lse[rows], teacher_lse[rows])
+        bwd(unit[rows], g, teacher[rows], student_lse[rows], teacher_lse[rows], temperature, g)
+        _chunk_grads(g, hidden, weight, rows, grad_hidden, grad_weight32)
+    return loss.sum(), grad_hidden, grad_weight32
+
+
+@_fused_linear_sum_op.register_fake
+def _(hidden, weight, teacher, keep, temperature, chunk_rows, need_hidden, need_weight, backend):
+    dtype = _loss_dtype(hidden)
+    return (hidden.new_empty((), dtype=dtype),
+            hidden.new_empty(hidden.shape if need_hidden else (0,)),
+            weight.new_empty(weight.shape if need_weight else (0,), dtype=dtype))
+
+
+def _fused_linear_sum_setup(ctx, inputs, output):
+    _, grad_hidden, grad_weight32 = output
+    ctx.save_for_backward(grad_hidden, grad_weight32)
+    ctx.weight_dtype = inputs[1].dtype
+    ctx.computed = inputs[6:8]  # need_hidden, need_weight: the gradients formed in forward
+    ctx.mark_non_differentiable(grad_hidden, grad_weight32)
+
+
+def _fused_linear_sum_backward(ctx, grad_total, _grad_hidden, _grad_weight):
+    grad_hidden, grad_weight32 = ctx.saved_tensors
+    need_hidden = ctx.needs_input_grad[0] and ctx.computed[0]
+    need_weight = ctx.needs_input_grad[1] and ctx.computed[1]
+    return (
+        (grad_total * grad_hidden).to(grad_hidden.dtype) if need_hidden else None,
+        (grad_total * grad_weight32).to(ctx.weight_dtype) if need_weight else None,
+        None, None, None, None, None, None, None,
+    )
+
+
+_fused_linear_sum_op.register_autograd(_fused_linear_sum_backward,
+                                       setup_context=_fused_linear_sum_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -376,6 +453,12 @@ def fused_linear_forward_kl(
         chunk_rows = default_chunk_rows(hidden.shape[0], V)
     elif isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows <= 0:
         raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    need_hidden = torch.is_grad_enabled() and student_hidden.requires_grad
+    need_weight = torch.is_grad_enabled() and lm_head_weight.requires_grad
+    if reduction != "none" and (need_hidden or need_weight):
+        total, _, _ = _fused_linear_sum_op(hidden, lm_head_weight, teacher, keep, temperature,
+                                           chunk_rows, need_hidden, need_weight, backend or "")
+        return _reduce_total(total, keep, hidden.shape[0], reduction)
     per_row, _, _ = _fused_linear_op(hidden, lm_head_weight, teacher, keep, temperature,
                                      chunk_rows, backend or "")
     return _reduce(per_row.reshape(batch), keep, reduction)
@@ -446,9 +529,13 @@ def _keep_rows(labels: Optional[Tensor], ignore_index: int, batch: torch.Size) -
 def _reduce(per_row: Tensor, keep: Optional[Tensor], reduction: str) -> Tensor:
     if reduction == "none":
         return per_row
-    total = per_row.sum()
+    return _reduce_total(per_row.sum(), keep, per_row.numel(), reduction)
+
+
+def _reduce_total(total: Tensor, keep: Optional[Tensor], n: int, reduction: str) -> Tensor:
+    """``"sum"``: the total over kept rows; ``"mean"``: divided by their count (0 if none)."""
     if reduction == "sum":
         return total
     if keep is None:
-        return total / max(per_row.numel(), 1)
+        return total / max(n, 1)
     return total / keep.sum().clamp(min=1).to(total.dtype)

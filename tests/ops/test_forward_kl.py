@@ -353,6 +353,24 @@ def test_fused_linear_low_precision(backend, dtype):
     assert_close("grad_weight", gw, rgw, atol=2e-3, rtol=2e-2)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_linear_paths_agree(backend, reduction):
+    """Without autograd (one GEMM per chunk) = with it (gradients formed in the forward pass for
+    the scalar reductions, logits recomputed in backward for "none")."""
+    name, device = backend
+    g = _gen(24)
+    h = torch.randn(11, 16, generator=g).to(device)
+    w = torch.randn(120, 16, generator=g).to(device)
+    t = make_logits((11, 120), "masked", generator=g).to(device)
+    labels = torch.tensor([1, -100] * 5 + [3]).to(device)
+    kw = dict(temperature=0.7, reduction=reduction, labels=labels, chunk_rows=3, backend=name)
+    with torch.no_grad():
+        plain = ek.fused_linear_forward_kl(h, w, t, **kw)
+    tracked = ek.fused_linear_forward_kl(h.requires_grad_(), w.requires_grad_(), t, **kw)
+    assert tracked.requires_grad and not plain.requires_grad
+    assert_close("loss", tracked, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_fused_linear_only_hidden_needs_grad(backend):
     name, device = backend
     g = _gen(22)
@@ -432,6 +450,9 @@ def test_opcheck(backend_name, with_keep):
         torch.library.opcheck(
             torch.ops.epikern.fused_linear_forward_kl_backward.default,
             (grad, h.detach(), w.detach(), t, s_lse, t_lse, 0.8, 2, need_h, need_w, backend_name))
+        torch.library.opcheck(torch.ops.epikern.fused_linear_forward_kl_sum.default,
+                              (h.detach().requires_grad_(need_h), w.detach().requires_grad_(need_w),
+                               t, keep, 0.8, 2, need_h, need_w, backend_name))
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
