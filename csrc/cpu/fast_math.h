@@ -3,6 +3,7 @@
 // vectorises loops that call them under `#pragma omp simd` (no libm call in the inner loops).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -23,28 +24,27 @@ EPIKERN_INLINE uint32_t float_to_bits(float f) {
   return u;
 }
 
-// e^x with ~1 ulp error on [−87.3, 88.7] (Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, and the
-// degree-6 polynomial of Cephes expf). x < −87.3 (incl. −inf) → 0 (results that would be
-// denormal are flushed), x > 88.7 → +inf, NaN → NaN.
+// e^x with ~1 ulp error on [−87.33, 88.37] (Cody–Waite reduction x = k·ln2 + r, |r| ≤ ln2/2, and
+// a degree-6 polynomial). Outside that range the reduction is garbage and two selects fix
+// the result: x < −87.33 (incl. −inf) → 0 (results that would be denormal are flushed) and
+// x > 88.37 (= 127.5·ln2, incl. +inf) → +inf (so e^x in [1.7e38, FLT_MAX] also saturates to
+// +inf). NaN → NaN.
 EPIKERN_INLINE float fast_exp(float x) {
   constexpr float kLo = -87.33654475f;  // e^kLo = FLT_MIN
-  constexpr float kHi = 88.7228391f;    // e^kHi = FLT_MAX
-  const float xc = x < kLo ? kLo : (x > kHi ? kHi : x);  // NaN passes through
-  const float kf = xc * 1.44269504088896341f + 12582912.f - 12582912.f;  // round to nearest
-  float r = xc - kf * 0.693359375f;   // ln2 split: hi part exact in 9 bits
+  constexpr float kHi = 88.3762626647949f;
+  const float kf = std::nearbyint(x * 1.44269504088896341f);  // vrndscaleps / roundps
+  float r = x - kf * 0.693359375f;  // ln2 split: hi part exact in 9 bits
   r = r - kf * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t k = static_cast<int32_t>(kf);
-  // 2^k split in two factors so that k = 127 + a little (x ≤ 88.72) stays finite.
-  const float s1 = bits_to_float(static_cast<uint32_t>(k / 2 + 127) << 23);
-  const float s2 = bits_to_float(static_cast<uint32_t>(k - k / 2 + 127) << 23);
-  float y = p * s1 * s2;
+  // e^r ≈ 1 + r + r²·P(r), P of degree 4 (Taylor; |error| < 1.2e-7 relative for |r| ≤ ln2/2)
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * (r * r) + r + 1.f;
+  // 2^k; k is only meaningful (and within [−126, 127]) for kLo ≤ x ≤ kHi
+  const float scale = bits_to_float(static_cast<uint32_t>(static_cast<int32_t>(kf) + 127) << 23);
+  float y = p * scale;
   y = x < kLo ? 0.f : y;
   y = x > kHi ? std::numeric_limits<float>::infinity() : y;
   return y;

@@ -76,10 +76,13 @@ struct SoftmaxTerms {
   float e, t, c;
 };
 
+// x − r is clamped at −104 (NaN kept): e^{−104} = 0 in fp32, so e·(x − r) = 0 there without a
+// 0·(−inf) for x = −inf.
 template <class ExpFn>
 EPIKERN_INLINE SoftmaxTerms softmax_terms(float x, float y, float r, ExpFn exp_fn) {
-  const float e = exp_fn(x - r);
-  return SoftmaxTerms{e, prob_times(e, x - r), prob_times(e, x - y)};
+  const float d = -104.f > x - r ? -104.f : x - r;
+  const float e = exp_fn(d);
+  return SoftmaxTerms{e, e * d, prob_times(e, x - y)};
 }
 
 // Add one element x (with reference logit y; pass y = x when there is no cross term) to a
