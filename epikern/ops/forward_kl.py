@@ -160,9 +160,7 @@ def _fused_linear_op(
     fwd = _entry("forward_kl", backend, student_hidden=hidden, teacher_logits=teacher)
     N = hidden.shape[0]
     loss, student_lse, teacher_lse = _row_stats(hidden, N, _loss_dtype(hidden))
-    for start in range(0, N, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, N))
-        logits = hidden[rows] @ weight.t()
+    for rows, logits in _chunk_logits(hidden, weight, chunk_rows):
         fwd(logits, teacher[rows], None if keep is None else keep[rows], temperature,
             loss[rows], student_lse[rows], teacher_lse[rows])
     return loss, student_lse, teacher_lse
@@ -171,6 +169,15 @@ def _fused_linear_op(
 @_fused_linear_op.register_fake
 def _(hidden, weight, teacher, keep, temperature, chunk_rows, backend):
     return _row_stats(hidden, hidden.shape[0], _loss_dtype(hidden))
+
+
+def _chunk_logits(hidden: Tensor, weight: Tensor, chunk_rows: int):
+    """Yields ``(rows, hidden[rows] @ weight.T)`` chunk by chunk, all in one reused buffer."""
+    N = hidden.shape[0]
+    buf = hidden.new_empty((min(chunk_rows, N), weight.shape[0]))
+    for start in range(0, N, chunk_rows):
+        rows = slice(start, min(start + chunk_rows, N))
+        yield rows, torch.mm(hidden[rows], weight.t(), out=buf[: rows.stop - start])
 
 
 def _grad_buffers(hidden: Tensor, weight: Tensor, need_hidden: bool,
@@ -222,9 +229,7 @@ def _fused_linear_backward_op(
     bwd = _entry("forward_kl_backward", backend, student_hidden=hidden, teacher_logits=teacher)
     N = hidden.shape[0]
     grad_hidden, grad_weight32 = _grad_buffers(hidden, weight, need_hidden, need_weight)
-    for start in range(0, N, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, N))
-        g = hidden[rows] @ weight.t()
+    for rows, g in _chunk_logits(hidden, weight, chunk_rows):
         bwd(grad_loss[rows], g, teacher[rows], student_lse[rows], teacher_lse[rows], temperature, g)
         _chunk_grads(g, hidden, weight, rows, grad_hidden, grad_weight32)
     return grad_hidden, grad_weight32.to(weight.dtype)
@@ -285,9 +290,7 @@ def _fused_linear_sum_op(
     loss, student_lse, teacher_lse = _row_stats(hidden, N, _loss_dtype(hidden))
     unit = (loss.new_ones((N,)) if keep is None else keep.to(loss.dtype))
     grad_hidden, grad_weight32 = _grad_buffers(hidden, weight, need_hidden, need_weight)
-    for start in range(0, N, chunk_rows):
-        rows = slice(start, min(start + chunk_rows, N))
-        g = hidden[rows] @ weight.t()
+    for rows, g in _chunk_logits(hidden, weight, chunk_rows):
         fwd(g, teacher[rows], None if keep is None else keep[rows], temperature, loss[rows],
             student_lse[rows], teacher_lse[rows])
         bwd(unit[rows], g, teacher[rows], student_lse[rows], teacher_lse[rows], temperature, g)
