@@ -34,8 +34,8 @@ def _module() -> ModuleType:
         from .. import _cuda
     except ImportError as exc:
         raise BackendUnavailableError(
-            f"backend 'cuda' is not built: importing epikern._cuda failed ({exc}); it is compiled "
-            "by `pip install -e .` when nvcc is found (and EPIKERN_CUDA is not 0)"
+            f"backend 'cuda' is unavailable: importing epikern._cuda failed ({exc}); "
+            "`pip install -e .` builds it when nvcc is found (EPIKERN_CUDA=0 skips it)"
         ) from exc
     return _cuda
 
