@@ -3,7 +3,8 @@
 One program per row, streaming the vocabulary in ``BLOCK``-wide tiles (int64 row offsets, fp32
 accumulation, fp32/fp16/bf16 logits read in place). With ``x = s/T``, ``y = t/T``:
 
-forward (one sweep, online softmax of both rows; ``m`` running maxima)::
+forward (one sweep, online softmax of both rows; ``m`` running maxima, block-uniform, so the
+sums are kept per lane and reduced once at the end)::
 
     z_s = Σ e^{x − m_s},  z_t = Σ e^{y − m_t},  a = Σ e^{y − m_t} (y − x)   (0 where y = −inf)
     lse_s = m_s + log z_s,  lse_t = m_t + log z_t
@@ -48,9 +49,11 @@ def _forward_kl_fwd_kernel(
     neg_inf = float("-inf")
     m_s = tl.full((), neg_inf, tl.float32)
     m_t = tl.full((), neg_inf, tl.float32)
-    z_s = tl.zeros((), tl.float32)
-    z_t = tl.zeros((), tl.float32)
-    a = tl.zeros((), tl.float32)
+    # per-lane partial sums relative to the (block-uniform) running maxima: two reductions per
+    # tile (the maxima), the sums are reduced once at the end
+    z_s = tl.zeros((BLOCK,), tl.float32)
+    z_t = tl.zeros((BLOCK,), tl.float32)
+    a = tl.zeros((BLOCK,), tl.float32)
     for start in range(0, V, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < limit
@@ -59,7 +62,7 @@ def _forward_kl_fwd_kernel(
 
         new_s = tl.maximum(m_s, tl.max(x, axis=0))
         ref_s = tl.where(new_s == neg_inf, 0.0, new_s)
-        z_s = z_s * tl.exp(m_s - ref_s) + tl.sum(tl.exp(x - ref_s), axis=0)
+        z_s = z_s * tl.exp(m_s - ref_s) + tl.exp(x - ref_s)
         m_s = new_s
 
         new_t = tl.maximum(m_t, tl.max(y, axis=0))
@@ -68,12 +71,14 @@ def _forward_kl_fwd_kernel(
         d = tl.where(y == neg_inf, 0.0, y - x)
         term = tl.where(d == float("inf"), d, e * d)
         rescale = tl.exp(m_t - ref_t)
-        z_t = z_t * rescale + tl.sum(e, axis=0)
-        a = a * rescale + tl.sum(term, axis=0)
+        z_t = z_t * rescale + e
+        a = a * rescale + term
         m_t = new_t
-    lse_s = m_s + tl.log(z_s)
-    lse_t = m_t + tl.log(z_t)
-    loss = a / z_t - lse_t + lse_s
+    sum_s = tl.sum(z_s, axis=0)
+    sum_t = tl.sum(z_t, axis=0)
+    lse_s = m_s + tl.log(sum_s)
+    lse_t = m_t + tl.log(sum_t)
+    loss = tl.sum(a, axis=0) / sum_t - lse_t + lse_s
     if HAS_KEEP:
         loss = tl.where(live, loss, 0.0)
         lse_s = tl.where(live, lse_s, 0.0)
