@@ -229,6 +229,19 @@ def test_vocab_size_cuts_padded_vocabularies(backend):
     assert torch.count_nonzero(s.grad[:, 500:]) == 0
 
 
+def test_teacher_gets_no_gradient(backend):
+    name, device = backend
+    s = torch.randn(3, 40, device=device, requires_grad=True)
+    t = torch.randn(3, 40, device=device, requires_grad=True)
+    h = torch.randn(3, 8, device=device, requires_grad=True)
+    w = torch.randn(40, 8, device=device, requires_grad=True)
+    (ek.forward_kl(s, t, backend=name)
+     + ek.fused_linear_forward_kl(h, w, t, backend=name)
+     + ek.fused_linear_forward_kl(h, w, t, reduction="none", backend=name).sum()).backward()
+    assert s.grad is not None and h.grad is not None and w.grad is not None
+    assert t.grad is None
+
+
 def test_empty_batch(backend):
     name, device = backend
     s = torch.zeros(0, 3, 100, device=device, requires_grad=True)
