@@ -250,6 +250,13 @@ def test_empty_batch(backend):
     loss = ek.forward_kl(s, t, backend=name)
     loss.backward()
     assert loss.item() == 0 and s.grad.shape == s.shape
+    h = torch.zeros(0, 3, 8, device=device, requires_grad=True)
+    w = torch.randn(100, 8, device=device, requires_grad=True)
+    for reduction in ("mean", "sum", "none"):
+        loss = ek.fused_linear_forward_kl(h, w, t, reduction=reduction, backend=name)
+        loss.sum().backward()
+        assert loss.shape == ((0, 3) if reduction == "none" else ())
+        assert h.grad.shape == h.shape and torch.count_nonzero(w.grad) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
