@@ -38,7 +38,7 @@ def check_temperature(temperature: float) -> float:
     if isinstance(temperature, Tensor):
         raise TypeError("temperature must be a Python number, not a tensor")
     t = float(temperature)
-    if not math.isfinite(t) or t <= 0:
+    if not 0 < t < math.inf:  # also False for NaN; comparisons trace under torch.compile
         raise ValueError(f"temperature must be finite and > 0, got {temperature!r}")
     return t
 
