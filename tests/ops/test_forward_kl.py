@@ -501,6 +501,29 @@ def test_compile_fullgraph(backend_name):
         assert_close(name, a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_compile_dynamic_shapes():
+    """One graph for several row counts (``dynamic=True``): training batches vary in length."""
+    def fn(s, t, h, w, labels):
+        return (ek.forward_kl(s, t, labels=labels, temperature=1.5)
+                + ek.fused_linear_forward_kl(h, w, t, labels=labels, chunk_rows=4))
+
+    compiled = torch.compile(fn, fullgraph=True, dynamic=True)
+    g = _gen(32)
+    for n in (6, 11):
+        args = [torch.randn(n, 90, generator=g), torch.randn(n, 90, generator=g),
+                torch.randn(n, 8, generator=g), torch.randn(90, 8, generator=g)]
+        labels = torch.randint(0, 3, (n,), generator=g)
+        labels[1] = -100
+        results = []
+        for f in (fn, compiled):
+            leaves = [x.clone().requires_grad_(i != 1) for i, x in enumerate(args)]
+            out = f(*leaves, labels)
+            grads = torch.autograd.grad(out, [leaves[0], leaves[2], leaves[3]])
+            results.append((out.detach(), *grads))
+        for name, a, b in zip(("loss", "grad_s", "grad_h", "grad_w"), *results):
+            assert_close(name, a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
