@@ -2,20 +2,25 @@
 
 The SPEC §8 matrix runs on each kernel path, forced through ``EPIKERN_CUDA_PATH``: ``split``
 (any GPU; split vocabulary, partial states merged through a workspace) and ``cluster`` (sm_90+;
-a row held in the shared memory of a thread-block cluster). Then what only a GPU shows: the
-current stream and device are respected, CUDA-graph capture, bitwise determinism, grids over
-65535 CTAs, row blocks of the split path, and no local memory in any kernel. Every test skips
-with a reason when ``torch.cuda.is_available()`` is False.
+a row held in the shared memory of a thread-block cluster), with the SPEC §8 properties
+(hypothesis), ``opcheck`` and ``torch.compile(fullgraph=True)`` on CUDA tensors. Then what only a
+GPU shows: the current stream and device are respected, CUDA-graph capture, bitwise determinism,
+grids over 65535 CTAs, row blocks of the split path, and no local memory in any kernel. Every
+test skips with a reason when ``torch.cuda.is_available()`` is False.
 """
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
 
 import epikern as ek
 from epikern.backends import cuda as cuda_backend
 from tests._cases import KINDS, assert_close, assert_close_stats, make_logits, reference_stats
+from tests.ops.test_draft_uncertainty import _problem
 
 HAS_CUDA = torch.cuda.is_available()
 SM90 = HAS_CUDA and torch.cuda.get_device_capability()[0] >= 9
@@ -240,3 +245,35 @@ def test_kernels_use_no_local_memory():
         assert info["local_bytes"] == 0, info
         if SM90 and info["name"].startswith("cluster_kernel"):
             assert info["ptx_version"] >= 90 and info["binary_version"] >= 90, info
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=_problem())
+def test_properties(problem):
+    d, t, w, T = problem
+    d, t = d.cuda(), t.cuda()
+    u = ek.draft_uncertainty(d, t, weights=w, temperature=T, backend="cuda")
+    assert_close("eu = jsd + kl", u.eu, u.jsd + u.kl)
+    assert (u.jsd >= -1e-5).all() and (u.kl >= -1e-5).all()
+    assert (u.mixture_entropy >= u.draft_entropy - 1e-5).all()
+    assert (u.mixture_entropy <= math.log(d.shape[-1]) + 1e-4).all()
+    moved = ek.draft_uncertainty(d + 7.5, t - 3.25, weights=w, temperature=T, backend="cuda")
+    for name in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):
+        assert_close(name, getattr(moved, name), getattr(u, name), atol=2e-4, rtol=2e-4)
+
+
+def test_opcheck_and_compile():
+    g = _gen(17)
+    d = make_logits((3, 4, 64), "normal", generator=g).cuda()
+    t = make_logits((4, 64), "normal", generator=g).cuda()
+    w = torch.tensor([0.2, 0.3, 0.5], device="cuda")
+    torch.library.opcheck(torch.ops.epikern.draft_uncertainty.default, (d, t, w, 1.3, True, "cuda"),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+
+    def fn(d, t):
+        u = ek.draft_uncertainty(d, t, weights=[0.2, 0.3, 0.5], temperature=0.8, backend="cuda")
+        return u.eu * 2 + u.jsd
+
+    compiled = torch.compile(fn, fullgraph=True, backend="inductor")
+    assert_close("compiled", compiled(d, t), fn(d, t), atol=1e-6, rtol=1e-6)
