@@ -55,7 +55,8 @@ inline Half from_float(float v, Half) {
   const uint32_t normal = nrm + ((nrem > 0x1000u) | ((nrem == 0x1000u) & (nrm & 1u)));
   // Subnormal halves (|v| < 2^−14): m · 2^(e−150) = (m >> (126 − e)) · 2^−24.
   const uint32_t e = a >> 23;
-  const uint32_t shift = std::min<uint32_t>(126u - std::min<uint32_t>(e, 126u), 31u);
+  // shift ∈ [1, 31] keeps every shift below defined (the value only matters for shift ≥ 14)
+  const uint32_t shift = std::clamp<uint32_t>(126u - std::min<uint32_t>(e, 126u), 1u, 31u);
   const uint32_t m = (a & 0x7fffffu) | 0x800000u;
   const uint32_t sub = m >> shift;
   const uint32_t srem = m & ((1u << shift) - 1u);
