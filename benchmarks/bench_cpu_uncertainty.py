@@ -5,8 +5,9 @@ and ``torch.compile`` of it (benchmarks/_composite.py), in one run on one machin
 
 Shapes: K=4, N=512, V=32000 with fp32 and bf16 logits, and K=4, N=128, V=128256 bf16 (fewer rows
 to keep the eager composite's [K, N, V] float32 intermediates around 1-2 GB and the run within ~3
-minutes on 2 cores), each with decompose=False and True. Reports the median time of several
-repeats after a warm-up, the effective bandwidth (logit bytes read once ÷ time) and the speed-up
+minutes on 2 cores), each with decompose=False and True. Reports median times (one warm-up call
+each, then 3 rounds that run the kernel 3 times, eager once and compiled once, round-robin so that
+load from other processes falls on all three alike), the effective bandwidth (logit bytes read once ÷ time) and the speed-up
 of the kernel over eager and compiled PyTorch. The kernel's eu is checked against the composite.
 """
 
@@ -36,14 +37,19 @@ SHAPES = [  # (K, N, V, dtype)
 ]
 
 
-def _median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _round_robin_ms(fns: dict, rounds: int, per_round: dict) -> dict:
+    """Median ms of each function, timed round-robin (every round runs each one ``per_round``
+    times) after one warm-up call each, so that load from other processes falls on all alike."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(per_round.get(name, 1)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def _machine() -> dict:
@@ -78,9 +84,9 @@ def run(quick: bool = False) -> tuple[dict, list[dict]]:
             t0 = time.perf_counter()
             comp()  # compile
             compile_s = time.perf_counter() - t0
-            t_kernel = _median_ms(kernel, 3 if quick else 7)
-            t_eager = _median_ms(eager, 1 if quick else 3)
-            t_comp = _median_ms(comp, 1 if quick else 3)
+            ms = _round_robin_ms({"kernel": kernel, "eager": eager, "compiled": comp},
+                                 rounds=2 if quick else 3, per_round={"kernel": 3})
+            t_kernel, t_eager, t_comp = ms["kernel"], ms["eager"], ms["compiled"]
             rows.append({
                 "K": K, "N": N, "V": V, "dtype": str(dtype).removeprefix("torch."),
                 "decompose": decompose, "kernel_ms": t_kernel, "eager_ms": t_eager,
