@@ -318,9 +318,11 @@ def _fused_linear_sum_backward(ctx, grad_total, _grad_hidden, _grad_weight):
     grad_hidden, grad_weight32 = ctx.saved_tensors
     need_hidden = ctx.needs_input_grad[0] and ctx.computed[0]
     need_weight = ctx.needs_input_grad[1] and ctx.computed[1]
+    # a 0-dim float32 scale keeps the tensor's dtype; for fp16/bf16 weights the cast comes first
+    # so that no second [V, d] float32 tensor exists
     return (
-        (grad_total * grad_hidden).to(grad_hidden.dtype) if need_hidden else None,
-        (grad_total * grad_weight32).to(ctx.weight_dtype) if need_weight else None,
+        grad_hidden * grad_total if need_hidden else None,
+        grad_weight32.to(ctx.weight_dtype) * grad_total if need_weight else None,
         None, None, None, None, None, None, None,
     )
 
