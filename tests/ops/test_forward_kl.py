@@ -659,6 +659,7 @@ _AOT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_triton_kernels_compile_for_sm80_sm90_without_spills():
     """Both kernels at the production tile (BLOCK=4096, 8 warps), fp32/fp16/bf16 logits, compiled
     ahead of time for sm_80 and sm_90a in a child process (no ``TRITON_INTERPRET`` there)."""
@@ -699,6 +700,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self (Linux)")
 def test_fused_linear_peak_memory():
     """Peak extra RSS of forward + backward at N=8192, d=256, V=32000 fp32 ≤ 25% of N·V·4 bytes.
