@@ -24,7 +24,7 @@ namespace {
 // Dynamic shared memory of a cluster CTA (byte offsets; host and device agree on it).
 struct ClusterLayout {
   size_t draft_pitch;  // bytes per draft row; slice is a multiple of 8, so this is 16-aligned
-  size_t target, part1, gathered, merged, lse2, log2w, part2, bytes;
+  size_t target, part1, gathered, merged, lse, logw, part2, bytes;
 
   EPIKERN_HOST_DEVICE ClusterLayout(int K, bool has_p, int64_t slice, size_t draft_elem,
                                     size_t target_elem) {
@@ -33,9 +33,9 @@ struct ClusterLayout {
     part1 = target + (has_p ? size_t(slice) * target_elem : 0);  // [K + 1] this CTA's states
     gathered = part1 + size_t(K + 1) * sizeof(SoftmaxState);       // [cluster][K + 1] copies
     merged = gathered + size_t(kMaxCluster) * (K + 1) * sizeof(SoftmaxState);  // [K + 1]
-    lse2 = merged + size_t(K + 1) * sizeof(SoftmaxState);          // [K + 1]
-    log2w = lse2 + size_t(K + 1) * sizeof(float);                  // [K]
-    part2 = align16(log2w + size_t(K) * sizeof(float));            // [3]
+    lse = merged + size_t(K + 1) * sizeof(SoftmaxState);           // [K + 1]
+    logw = lse + size_t(K + 1) * sizeof(float);                    // [K]
+    part2 = align16(logw + size_t(K) * sizeof(float));             // [3]
     bytes = part2 + 16;
   }
 };
@@ -108,8 +108,8 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64
   SoftmaxState* part1 = reinterpret_cast<SoftmaxState*>(smem + L.part1);
   SoftmaxState* gathered = reinterpret_cast<SoftmaxState*>(smem + L.gathered);
   SoftmaxState* merged = reinterpret_cast<SoftmaxState*>(smem + L.merged);
-  float* lse2 = reinterpret_cast<float*>(smem + L.lse2);
-  float* log2w = reinterpret_cast<float*>(smem + L.log2w);
+  float* lse = reinterpret_cast<float*>(smem + L.lse);
+  float* logw = reinterpret_cast<float*>(smem + L.logw);
   float* part2 = reinterpret_cast<float*>(smem + L.part2);
   __shared__ __align__(8) uint64_t bars[kStages];
   __shared__ SoftmaxState scratch[kWarps][kStates];
@@ -170,26 +170,27 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64
   const int nstates = K + 1;
   for (int i = threadIdx.x; i < int(csize) * nstates; i += kThreads)
     gathered[i] = cluster.map_shared_rank(part1, unsigned(i / nstates))[i % nstates];
-  for (int k = threadIdx.x; k < K; k += kThreads) log2w[k] = log2f(a.weights[k * a.weights_stride]);
+  for (int k = threadIdx.x; k < K; k += kThreads)
+    logw[k] = logf(a.weights[k * a.weights_stride]);
   __syncthreads();
   for (int k = threadIdx.x; k < nstates; k += kThreads) {
     SoftmaxState st = gathered[k];
-    for (unsigned q = 1; q < csize; ++q) softmax_merge(st, gathered[q * nstates + k], Exp2{});
+    for (unsigned q = 1; q < csize; ++q) softmax_merge(st, gathered[q * nstates + k], Exp{});
     merged[k] = st;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
     if (rank == 0)
-      write_sweep1(a, row, merged, lse2);
+      write_sweep1(a, row, merged, lse);
     else if (a.decompose)
-      finish_sweep1(merged, K, has_p, a.weights, long(a.weights_stride), lse2);
+      finish_sweep1(merged, K, has_p, a.weights, long(a.weights_stride), lse);
   }
   __syncthreads();
 
   if (a.decompose) {
     float acc[3] = {0.f, 0.f, 0.f};
-    sweep2_span<8, false>(sdraft, slice, K, starget, lse2, log2w, a.scale, 0, vec_count, acc);
-    sweep2_span<1, true>(gdraft, a.draft_stride_k, K, gtarget, lse2, log2w, a.scale, vec_count,
+    sweep2_span<8, false>(sdraft, slice, K, starget, lse, logw, a.scale, 0, vec_count, acc);
+    sweep2_span<1, true>(gdraft, a.draft_stride_k, K, gtarget, lse, logw, a.scale, vec_count,
                          count - vec_count, acc);
     block_sum3(acc, scratch3, part2);
     cluster.sync();  // every part2 is written

@@ -1,5 +1,5 @@
 // Device building blocks shared by the draft_uncertainty kernels: logit loads and conversion,
-// base-2 fast exponentials, the per-thread sweeps over a span of a row, and deterministic block
+// fast exponentials, the per-thread sweeps over a span of a row, and deterministic block
 // reductions. Every kernel of a row uses these, so the cluster and split paths do the same math.
 #pragma once
 
@@ -22,20 +22,24 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kGroup = 4;                  // drafts whose sweep-1 states a thread holds at once
 constexpr int kStates = kGroup + 1;        // + the reference's own state
 
-// 2^x and log2 x as single MUFU instructions (ftz: results below 2^-126 count as 0, which the
-// 0·anything = 0 guards of online_softmax.h treat exactly like an underflow).
-struct Exp2 {
+// e^x and ln x on the MUFU unit: one multiply by log2(e) (or ln 2) around ex2/lg2.approx. ftz:
+// results below 2^-126 count as 0, which the 0·anything = 0 guards of online_softmax.h treat
+// exactly like an underflow.
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+struct Exp {
   __device__ __forceinline__ float operator()(float x) const {
     float y;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x * kLog2e));
     return y;
   }
 };
-struct Log2 {
+struct Log {
   __device__ __forceinline__ float operator()(float x) const {
     float y;
     asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-    return y;
+    return y * kLn2;
   }
 };
 
@@ -93,7 +97,7 @@ __device__ __forceinline__ void sweep1_span(const TD* const (&drafts)[kGroup], i
     float y[W];
     if (p != nullptr) {
       load_scaled<W, kGlobal>(p + i, scale, y);
-      if (with_p) softmax_add_chunk(st[kGroup], y, y, Exp2{});
+      if (with_p) softmax_add_chunk(st[kGroup], y, y, Exp{});
     }
 #pragma unroll
     for (int j = 0; j < kGroup; ++j) {
@@ -101,20 +105,20 @@ __device__ __forceinline__ void sweep1_span(const TD* const (&drafts)[kGroup], i
         float x[W];
         load_scaled<W, kGlobal>(drafts[j] + i, scale, x);
         if (p != nullptr)  // (two calls rather than selecting an array keeps y in registers)
-          softmax_add_chunk(st[j], x, y, Exp2{});
+          softmax_add_chunk(st[j], x, y, Exp{});
         else
-          softmax_add_chunk(st[j], x, x, Exp2{});
+          softmax_add_chunk(st[j], x, x, Exp{});
       }
     }
   }
 }
 
 // Sweep 2 by this thread over elements [first, first + count) (count a multiple of W). Draft k's
-// row starts at draft0 + k·draft_step; lse2[0..K] and log2w[0..K−1] are in shared memory.
-// acc += (jsd, −Σ q̄ log q̄, KL(q̄ ‖ p)) in bits.
+// row starts at draft0 + k·draft_step; lse[0..K] and logw[0..K−1] are in shared memory.
+// acc += (jsd, −Σ q̄ log q̄, KL(q̄ ‖ p)).
 template <int W, bool kGlobal, class TD, class TP>
 __device__ __forceinline__ void sweep2_span(const TD* draft0, int64_t draft_step, int K,
-                                            const TP* p, const float* lse2, const float* log2w,
+                                            const TP* p, const float* lse, const float* logw,
                                             float scale, int64_t first, int64_t count,
                                             float (&acc)[3]) {
   const int64_t end = first + count;
@@ -129,7 +133,7 @@ __device__ __forceinline__ void sweep2_span(const TD* draft0, int64_t draft_step
       load_scaled<W, kGlobal>(draft0 + k * draft_step + i, scale, x);
 #pragma unroll
       for (int e = 0; e < W; ++e) {
-        const float l = mixture_log_weight(log2w[k], x[e], lse2[k]);
+        const float l = mixture_log_weight(logw[k], x[e], lse[k]);
         r[e] = l > r[e] ? l : r[e];
       }
     }
@@ -145,13 +149,13 @@ __device__ __forceinline__ void sweep2_span(const TD* draft0, int64_t draft_step
       load_scaled<W, kGlobal>(draft0 + k * draft_step + i, scale, x);
 #pragma unroll
       for (int e = 0; e < W; ++e)
-        mixture_accumulate(S[e], J1[e], mixture_log_weight(log2w[k], x[e], lse2[k]), log2w[k], r[e],
-                           Exp2{});
+        mixture_accumulate(S[e], J1[e], mixture_log_weight(logw[k], x[e], lse[k]), logw[k], r[e],
+                           Exp{});
     }
 #pragma unroll
     for (int e = 0; e < W; ++e) {
       const MixtureTerms t = mixture_entry(r[e], S[e], J1[e], p != nullptr, p != nullptr ? y[e] : 0.f,
-                                           lse2[K], Exp2{}, Log2{});
+                                           lse[K], Exp{}, Log{});
       acc[0] += t.jsd;
       acc[1] += t.entropy;
       acc[2] += t.kl;
@@ -170,7 +174,7 @@ __device__ __forceinline__ SoftmaxState shfl_xor_state(const SoftmaxState& st, i
 // state, and the fixed pattern makes it deterministic.
 __device__ __forceinline__ void warp_merge(SoftmaxState& st) {
 #pragma unroll
-  for (int mask = 16; mask > 0; mask >>= 1) softmax_merge(st, shfl_xor_state(st, mask), Exp2{});
+  for (int mask = 16; mask > 0; mask >>= 1) softmax_merge(st, shfl_xor_state(st, mask), Exp{});
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -196,7 +200,7 @@ __device__ __forceinline__ void block_merge(SoftmaxState (&st)[kStates],
   for (int j = 0; j < kStates; ++j) {  // static j keeps dst in registers
     if (threadIdx.x == j && dst[j] != nullptr) {
       SoftmaxState total = scratch[0][j];
-      for (int w = 1; w < kWarps; ++w) softmax_merge(total, scratch[w][j], Exp2{});
+      for (int w = 1; w < kWarps; ++w) softmax_merge(total, scratch[w][j], Exp{});
       *dst[j] = total;
     }
   }
@@ -229,14 +233,14 @@ __device__ __forceinline__ void block_sum3(const float (&v)[3], float (&scratch)
 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 
-// Row outputs of sweep 1 from the K+1 merged base-2 states (one thread). lse2[0..K] receives the
-// base-2 log-normalisers that sweep 2 needs.
+// Row outputs of sweep 1 from the K+1 merged states (one thread). lse[0..K] receives the
+// log-normalisers that sweep 2 needs.
 __device__ inline void write_sweep1(const DraftArgs& a, int64_t row, const SoftmaxState* merged,
-                                    float* lse2) {
+                                    float* lse) {
   const bool has_p = a.target != nullptr;
-  const Sweep1Row r = finish_sweep1(merged, a.K, has_p, a.weights, long(a.weights_stride), lse2);
-  for (int k = 0; k < a.K; ++k) a.draft_lse[k * a.draft_lse_stride + row] = lse2[k] * kLn2;
-  a.target_lse[row] = lse2[a.K] * kLn2;
+  const Sweep1Row r = finish_sweep1(merged, a.K, has_p, a.weights, long(a.weights_stride), lse);
+  for (int k = 0; k < a.K; ++k) a.draft_lse[k * a.draft_lse_stride + row] = lse[k];
+  a.target_lse[row] = lse[a.K];
   float* s = a.stats + row;
   s[kStatEu * a.stats_stride] = r.eu;
   s[kStatDraftEntropy * a.stats_stride] = r.draft_entropy;
@@ -248,12 +252,12 @@ __device__ inline void write_sweep1(const DraftArgs& a, int64_t row, const Softm
   }
 }
 
-// Row outputs of sweep 2 from the summed (jsd, −Σ q̄ log q̄, KL) in bits (one thread).
+// Row outputs of sweep 2 from the summed (jsd, −Σ q̄ log q̄, KL) (one thread).
 __device__ inline void write_sweep2(const DraftArgs& a, int64_t row, const float (&sums)[3]) {
   float* s = a.stats + row;
-  s[kStatJsd * a.stats_stride] = sums[0] * kLn2;
-  s[kStatMixtureEntropy * a.stats_stride] = sums[1] * kLn2;
-  s[kStatKl * a.stats_stride] = a.target != nullptr ? sums[2] * kLn2 : nan_f();
+  s[kStatJsd * a.stats_stride] = sums[0];
+  s[kStatMixtureEntropy * a.stats_stride] = sums[1];
+  s[kStatKl * a.stats_stride] = a.target != nullptr ? sums[2] : nan_f();
 }
 
 template <class T>

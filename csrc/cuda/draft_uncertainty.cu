@@ -147,8 +147,8 @@ Plan make_plan(const DraftArgs& a, int dd, int dp, int path) {
   const size_t R = size_t(plan.rows_per_launch), S = size_t(splits), K1 = size_t(a.K) + 1;
   plan.off_counters = 0;
   plan.off_part1 = align16(R * sizeof(unsigned));
-  plan.off_lse2 = plan.off_part1 + R * S * K1 * sizeof(SoftmaxState);
-  plan.off_part2 = align16(plan.off_lse2 + R * K1 * sizeof(float));
+  plan.off_lse = plan.off_part1 + R * S * K1 * sizeof(SoftmaxState);
+  plan.off_part2 = align16(plan.off_lse + R * K1 * sizeof(float));
   plan.workspace = align16(plan.off_part2 + R * S * 3 * sizeof(float));
   return plan;
 }
@@ -173,7 +173,7 @@ void launch(const DraftArgs& a, int dd, int dp, const Plan& plan, void* workspac
   s.vec = plan.vec;
   s.counters = reinterpret_cast<unsigned*>(ws + plan.off_counters);
   s.part1 = reinterpret_cast<SoftmaxState*>(ws + plan.off_part1);
-  s.lse2 = reinterpret_cast<float*>(ws + plan.off_lse2);
+  s.lse = reinterpret_cast<float*>(ws + plan.off_lse);
   s.part2 = reinterpret_cast<float*>(ws + plan.off_part2);
   // The kernels leave the counters at zero; they start there once per call.
   check(cudaMemsetAsync(s.counters, 0, size_t(plan.rows_per_launch) * sizeof(unsigned), stream),

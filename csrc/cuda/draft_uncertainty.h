@@ -48,7 +48,7 @@ struct DraftArgs {
   float* target_lse;  // [N], contiguous
   int K;
   int64_t N, V;
-  float scale;  // log2(e) / T: logits become base-2 exponents in one multiply
+  float scale;  // 1 / T
   bool decompose;
 };
 
@@ -64,7 +64,7 @@ struct Plan {
   int64_t rows_per_launch = 0;
   size_t smem = 0;         // dynamic shared memory per CTA
   // Workspace layout of the split path (byte offsets; 0 bytes for the cluster path).
-  size_t off_counters = 0, off_part1 = 0, off_lse2 = 0, off_part2 = 0, workspace = 0;
+  size_t off_counters = 0, off_part1 = 0, off_lse = 0, off_part2 = 0, workspace = 0;
 };
 
 // Per-launch arguments of the split kernels, pointing into the workspace.
@@ -74,9 +74,9 @@ struct SplitArgs {
   int64_t slice;
   bool vec;
   unsigned* counters;   // [rows_per_launch], zero between uses (the last CTA of a row resets it)
-  SoftmaxState* part1;  // [rows_per_launch, splits, K + 1] sweep-1 partial states (base 2)
-  float* lse2;          // [rows_per_launch, K + 1] base-2 log-normalisers for sweep 2
-  float* part2;         // [rows_per_launch, splits, 3] sweep-2 partial sums (bits)
+  SoftmaxState* part1;  // [rows_per_launch, splits, K + 1] sweep-1 partial states
+  float* lse;           // [rows_per_launch, K + 1] log-normalisers for sweep 2
+  float* part2;         // [rows_per_launch, splits, 3] sweep-2 partial sums
 };
 
 // Chooses the path and sizes for `a` on the current device (no device synchronisation); `path`

@@ -29,7 +29,7 @@ DraftArgs make_args(uintptr_t draft, int64_t draft_stride_k, int64_t draft_strid
   a.K = int(K);
   a.N = N;
   a.V = V;
-  a.scale = float(1.4426950408889634 / temperature);  // log2(e) / T
+  a.scale = float(1.0 / temperature);
   a.decompose = decompose;
   return a;
 }

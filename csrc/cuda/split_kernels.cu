@@ -87,12 +87,12 @@ __global__ void __launch_bounds__(kThreads, 2) split_sweep1_kernel(DraftArgs a, 
   for (int k = warp; k <= K; k += kWarps) {
     SoftmaxState st = softmax_state_empty();
     for (int j = lane; j < s.splits; j += 32)
-      softmax_merge(st, load_state_cg(row_parts + j * (K + 1) + k), Exp2{});
+      softmax_merge(st, load_state_cg(row_parts + j * (K + 1) + k), Exp{});
     warp_merge(st);
     if (lane == 0) merged[k] = st;
   }
   __syncthreads();
-  if (threadIdx.x == 0) write_sweep1(a, sp.row, merged, s.lse2 + sp.local * (K + 1));
+  if (threadIdx.x == 0) write_sweep1(a, sp.row, merged, s.lse + sp.local * (K + 1));
 }
 
 template <class TD, class TP>
@@ -100,10 +100,10 @@ __global__ void __launch_bounds__(kThreads, 2) split_sweep2_kernel(DraftArgs a, 
   const Span sp = this_span(a, s);
   const int K = a.K;
   extern __shared__ float4 dynamic_smem[];
-  float* lse2 = reinterpret_cast<float*>(dynamic_smem);  // [K + 1], written by sweep 1
-  float* log2w = lse2 + K + 1;                            // [K]
-  for (int k = threadIdx.x; k <= K; k += kThreads) lse2[k] = __ldcg(s.lse2 + sp.local * (K + 1) + k);
-  for (int k = threadIdx.x; k < K; k += kThreads) log2w[k] = log2f(a.weights[k * a.weights_stride]);
+  float* lse = reinterpret_cast<float*>(dynamic_smem);  // [K + 1], written by sweep 1
+  float* logw = lse + K + 1;                             // [K]
+  for (int k = threadIdx.x; k <= K; k += kThreads) lse[k] = __ldcg(s.lse + sp.local * (K + 1) + k);
+  for (int k = threadIdx.x; k < K; k += kThreads) logw[k] = logf(a.weights[k * a.weights_stride]);
   __syncthreads();
 
   const TD* draft = static_cast<const TD*>(a.draft) + sp.row * a.draft_stride_n + sp.begin;
@@ -111,8 +111,8 @@ __global__ void __launch_bounds__(kThreads, 2) split_sweep2_kernel(DraftArgs a, 
                     ? nullptr
                     : static_cast<const TP*>(a.target) + sp.row * a.target_stride_n + sp.begin;
   float acc[3] = {0.f, 0.f, 0.f};
-  sweep2_span<8, true>(draft, a.draft_stride_k, K, p, lse2, log2w, a.scale, 0, sp.vec_count, acc);
-  sweep2_span<1, true>(draft, a.draft_stride_k, K, p, lse2, log2w, a.scale, sp.vec_count,
+  sweep2_span<8, true>(draft, a.draft_stride_k, K, p, lse, logw, a.scale, 0, sp.vec_count, acc);
+  sweep2_span<1, true>(draft, a.draft_stride_k, K, p, lse, logw, a.scale, sp.vec_count,
                        sp.count - sp.vec_count, acc);
   __shared__ float scratch[kWarps][3];
   float* row_parts = s.part2 + sp.local * s.splits * 3;

@@ -2,7 +2,7 @@
 // tests/backends/test_cuda_row_math.py with the system C++ compiler (no GPU needed).
 //
 // It runs the functions of csrc/include/epikern/cuda/row_math.h and epikern/online_softmax.h in
-// the order the split kernels use them: base-2 logits; each row cut into `splits` spans; inside a
+// the order the split kernels use them: logits times 1/T; each row cut into `splits` spans; inside a
 // span, `threads` emulated threads take 8-element chunks strided by threads·8 (then a scalar
 // tail), holding the states of up to 4 drafts at a time plus the reference's own state; thread
 // states merged in order, then span states in span order; finish_sweep1; sweep 2 with the
@@ -25,11 +25,11 @@ using namespace epikern::gpu;
 
 namespace {
 
-struct Exp2 {
-  float operator()(float x) const { return exp2f(x); }
+struct Exp {
+  float operator()(float x) const { return expf(x); }
 };
-struct Log2 {
-  float operator()(float x) const { return log2f(x); }
+struct Log {
+  float operator()(float x) const { return logf(x); }
 };
 
 constexpr int kGroup = 4;
@@ -50,11 +50,11 @@ void thread_sweep1(const float* const* drafts, int kb, const float* p, bool with
     float y[W], x[W];
     if (p != nullptr) {
       for (int e = 0; e < W; ++e) y[e] = p[i + e] * scale;
-      if (with_p) softmax_add_chunk(st[kGroup], y, y, Exp2{});
+      if (with_p) softmax_add_chunk(st[kGroup], y, y, Exp{});
     }
     for (int j = 0; j < kb; ++j) {
       for (int e = 0; e < W; ++e) x[e] = drafts[j][i + e] * scale;
-      softmax_add_chunk(st[j], x, p != nullptr ? y : x, Exp2{});
+      softmax_add_chunk(st[j], x, p != nullptr ? y : x, Exp{});
     }
   }
 }
@@ -74,11 +74,11 @@ int main() {
   read(draft.data(), draft.size());
   read(target.data(), target.size());
 
-  const float scale = float(1.4426950408889634 / temperature);
+  const float scale = float(1.0 / temperature);
   const int64_t slice = ((V + splits - 1) / splits + 7) / 8 * 8;
   std::vector<float> stats(6 * N), draft_lse(size_t(K) * N), target_lse(N);
-  std::vector<float> log2w(K);
-  for (int k = 0; k < K; ++k) log2w[k] = log2f(w[k]);
+  std::vector<float> logw(K);
+  for (int k = 0; k < K; ++k) logw[k] = logf(w[k]);
 
   for (int64_t r = 0; r < N; ++r) {
     const float* p = has_p ? target.data() + r * V : nullptr;
@@ -96,16 +96,16 @@ int main() {
           thread_sweep1<8>(drafts, kb, p, k0 == 0, scale, begin, vec_count, t, threads, st);
           thread_sweep1<1>(drafts, kb, p, k0 == 0, scale, begin + vec_count, count - vec_count, t,
                            threads, st);
-          for (int j = 0; j < kb; ++j) softmax_merge(span[k0 + j], st[j], Exp2{});
-          if (k0 == 0) softmax_merge(span[K], st[kGroup], Exp2{});
+          for (int j = 0; j < kb; ++j) softmax_merge(span[k0 + j], st[j], Exp{});
+          if (k0 == 0) softmax_merge(span[K], st[kGroup], Exp{});
         }
       }
-      for (int k = 0; k <= K; ++k) softmax_merge(merged[k], span[k], Exp2{});
+      for (int k = 0; k <= K; ++k) softmax_merge(merged[k], span[k], Exp{});
     }
-    std::vector<float> lse2(K + 1);
-    const Sweep1Row row = finish_sweep1(merged.data(), K, has_p, w.data(), 1, lse2.data());
-    for (int k = 0; k < K; ++k) draft_lse[k * N + r] = lse2[k] * kLn2;
-    target_lse[r] = lse2[K] * kLn2;
+    std::vector<float> lse(K + 1);
+    const Sweep1Row row = finish_sweep1(merged.data(), K, has_p, w.data(), 1, lse.data());
+    for (int k = 0; k < K; ++k) draft_lse[k * N + r] = lse[k];
+    target_lse[r] = lse[K];
     stats[0 * N + r] = row.eu;
     stats[3 * N + r] = row.draft_entropy;
     stats[5 * N + r] = row.target_entropy;
@@ -114,22 +114,22 @@ int main() {
     float acc[3] = {0.f, 0.f, 0.f};
     for (int64_t v = 0; v < V; ++v) {
       auto l_of = [&](int k) {
-        return mixture_log_weight(log2w[k], draft[(int64_t(k) * N + r) * V + v] * scale, lse2[k]);
+        return mixture_log_weight(logw[k], draft[(int64_t(k) * N + r) * V + v] * scale, lse[k]);
       };
       float M = -INFINITY;
       for (int k = 0; k < K; ++k) M = l_of(k) > M ? l_of(k) : M;
       const float rr = exp_origin(M);
       float S = 0.f, J1 = 0.f;
-      for (int k = 0; k < K; ++k) mixture_accumulate(S, J1, l_of(k), log2w[k], rr, Exp2{});
-      const MixtureTerms t = mixture_entry(rr, S, J1, has_p, has_p ? p[v] * scale : 0.f, lse2[K],
-                                           Exp2{}, Log2{});
+      for (int k = 0; k < K; ++k) mixture_accumulate(S, J1, l_of(k), logw[k], rr, Exp{});
+      const MixtureTerms t = mixture_entry(rr, S, J1, has_p, has_p ? p[v] * scale : 0.f, lse[K],
+                                           Exp{}, Log{});
       acc[0] += t.jsd;
       acc[1] += t.entropy;
       acc[2] += t.kl;
     }
-    stats[1 * N + r] = acc[0] * kLn2;
-    stats[4 * N + r] = acc[1] * kLn2;
-    stats[2 * N + r] = has_p ? acc[2] * kLn2 : NAN;
+    stats[1 * N + r] = acc[0];
+    stats[4 * N + r] = acc[1];
+    stats[2 * N + r] = has_p ? acc[2] : NAN;
   }
   std::fwrite(stats.data(), sizeof(float), stats.size(), stdout);
   std::fwrite(draft_lse.data(), sizeof(float), draft_lse.size(), stdout);

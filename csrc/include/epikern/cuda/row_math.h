@@ -1,10 +1,7 @@
 // Row math of the CUDA draft_uncertainty kernels on top of epikern/online_softmax.h, kept
-// framework-free and __host__ __device__ so that a host build can check it without a GPU.
-//
-// The kernels work in base 2: every logit is multiplied once by log2(e)/T, so each exponential is
-// one ex2 instruction. The shared formulas are base-independent when given exp2/log2, except for
-// the finalisers, which use natural logs: `state_to_natural` converts a merged state first.
-// Quantities then come out in bits and are multiplied by ln 2 once per row.
+// framework-free and __host__ __device__ so that a host build can check it without a GPU
+// (tests/backends/cuda_row_math_host.cpp). Natural-log units throughout, as online_softmax.h
+// expects; the kernels pass their own fast exp/log.
 //
 // Sweep 2 takes two passes over the K drafts at each vocabulary entry (the max M, then the sums)
 // so that any K runs without per-draft storage. The jsd term needs log q̄ before it can be formed
@@ -19,17 +16,6 @@
 namespace epikern {
 namespace gpu {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
-
-// A state gathered from base-2 logits x·log2(e) → the same state for natural-log logits.
-EPIKERN_INLINE SoftmaxState state_to_natural(SoftmaxState st) {
-  return SoftmaxState{st.m * kLn2, st.s, st.t * kLn2, st.c * kLn2};
-}
-
-// log2 Σ 2^x of a base-2 state (−inf for an all −inf row, NaN if the row held a NaN).
-EPIKERN_INLINE float lse_base2(const SoftmaxState& st) { return exp_origin(st.m) + log2f(st.s); }
-
 // Sweep 1 over W consecutive elements: one rescale to the chunk max, then W additions. y is the
 // reference logit of each element (pass x itself when there is no cross term).
 template <int W, class ExpFn>
@@ -41,7 +27,7 @@ EPIKERN_INLINE void softmax_add_chunk(SoftmaxState& st, const float (&x)[W], con
   for (int i = 0; i < W; ++i) softmax_add(st, x[i], y[i], exp_fn);
 }
 
-// Sweep 2, second pass over k at one entry: e_k = 2^{l_k − r}, S += e_k, J1 += e_k (l_k − log w_k).
+// Sweep 2, second pass over k at one entry: e_k = e^{l_k − r}, S += e_k, J1 += e_k (l_k − log w_k).
 template <class ExpFn>
 EPIKERN_INLINE void mixture_accumulate(float& S, float& J1, float l, float log_w, float r,
                                        ExpFn exp_fn) {
@@ -58,34 +44,29 @@ EPIKERN_INLINE MixtureTerms mixture_entry(float r, float S, float J1, bool has_p
   return mixture_finish(r, S, J1 - prob_times(S, lq), lq, has_p, y, lse_p, exp_fn);
 }
 
-// Sweep-1 results of one row (natural units).
+// Sweep-1 results of one row.
 struct Sweep1Row {
   float eu;              // Σ_k w_k KL(q_k ‖ p), NaN without a reference
   float draft_entropy;   // Σ_k w_k H(q_k)
   float target_entropy;  // H(p), NaN without a reference
 };
 
-// Finalise sweep 1 from the merged base-2 states st[0..K−1] (drafts) and st[K] (reference, used
-// only when has_p). Writes log2 Σ 2^x of every draft and of the reference to lse2[0..K] (NaN for
-// a missing reference): the natural log-normalisers are lse2·ln 2, and sweep 2 reads lse2.
+// Finalise sweep 1 from the merged states st[0..K−1] (drafts) and st[K] (reference, used only
+// when has_p). Writes the log-normalisers of the drafts and of the reference to lse[0..K] (NaN for
+// a missing reference); sweep 2 reads them.
 EPIKERN_INLINE Sweep1Row finish_sweep1(const SoftmaxState* st, int K, bool has_p, const float* w,
-                                       long w_stride, float* lse2) {
+                                       long w_stride, float* lse) {
   Sweep1Row row{0.f, 0.f, NAN};
-  float lse_p = NAN;
-  lse2[K] = NAN;
+  lse[K] = NAN;
   if (has_p) {
-    const SoftmaxState p = state_to_natural(st[K]);
-    lse_p = softmax_lse(p);
-    row.target_entropy = softmax_entropy(p);
-    lse2[K] = lse_base2(st[K]);
+    lse[K] = softmax_lse(st[K]);
+    row.target_entropy = softmax_entropy(st[K]);
   }
   for (int k = 0; k < K; ++k) {
-    const SoftmaxState q = state_to_natural(st[k]);
-    const float lse_q = softmax_lse(q);
+    lse[k] = softmax_lse(st[k]);
     const float wk = w[k * w_stride];
-    row.draft_entropy += prob_times(wk, softmax_entropy(q));
-    row.eu += prob_times(wk, softmax_kl(q, lse_q, lse_p));  // a zero weight silences a +inf KL
-    lse2[k] = lse_base2(st[k]);
+    row.draft_entropy += prob_times(wk, softmax_entropy(st[k]));
+    row.eu += prob_times(wk, softmax_kl(st[k], lse[k], lse[K]));  // w = 0 silences a +inf KL
   }
   if (!has_p) row.eu = NAN;
   return row;
