@@ -6,7 +6,8 @@
 // draft_lse[K, N], target_lse[N].
 //
 // OpenMP over rows (schedule static: each row is computed by one thread in a fixed order, so the
-// results do not depend on the thread count). Per row:
+// results do not depend on the thread count); with fewer than kSplitRows rows and V ≥ 2·kSplitSpan
+// over (row, vocabulary span) items instead, partial states merged in span order. Per row/span:
 //   sweep 1: blocks of kBlock1 entries; each distribution's block is converted to fp32 · 1/T into
 //            an L1-resident buffer (with its block max), then one vectorised loop accumulates the
 //            online-softmax sums (s, t and the cross term c against the reference).
@@ -33,6 +34,8 @@ namespace {
 constexpr int64_t kBlock1 = 2048;       // sweep-1 block (two 8 KiB buffers)
 constexpr int64_t kSweep2Floats = 8192;  // sweep-2 scratch budget (32 KiB): (2K + 5)·block floats
 constexpr int kMaxFixedK = 8;            // sweep 2 keeps K ≤ 8 values per entry in registers
+constexpr int64_t kSplitRows = 8;        // fewer rows: split the vocabulary across threads
+constexpr int64_t kSplitSpan = 8 * kBlock1;  // vocabulary span of one work item when split
 
 struct FastExp {
   EPIKERN_INLINE float operator()(float x) const { return fast_exp(x); }
@@ -134,11 +137,9 @@ struct Scratch {
   std::vector<float> x, y;           // sweep 1: one draft block; sweeps 1/2: the reference block
   std::vector<float> l, e;           // sweep 2: K × block2 log-weights l_k and e^{l_k − r}
   std::vector<float> r, S, J, lq;    // sweep 2, K > kMaxFixedK: per entry origin, Σ e_k, Σ jsd, log q̄
-  std::vector<SoftmaxState> states;  // K drafts
-  std::vector<float> lse;            // K draft log-normalisers
   Scratch(int64_t K, int64_t block2)
       : x(kBlock1), y(std::max(kBlock1, block2)), l(K * block2), e(K > kMaxFixedK ? K * block2 : 0),
-        r(block2), S(block2), J(block2), lq(block2), states(K), lse(K) {}
+        r(block2), S(block2), J(block2), lq(block2) {}
 };
 
 // Sweep-2 sums over one block of entries.
@@ -235,99 +236,182 @@ MixtureBlockFn select_mixture_block(int64_t K) {
   return select_mixture_block<kHasP>(K, std::make_integer_sequence<int, kMaxFixedK>{});
 }
 
+// Sweep-1 results of one row.
+struct RowSweep1 {
+  float lse_p, eu, draft_entropy, target_entropy;
+};
+
+// The kernel over spans [vb, ve) of a row's vocabulary, shared by the row-parallel path and the
+// split-vocabulary path.
 template <class TD, class TP, bool kHasP>
-int64_t draft_uncertainty_row(const Args& a, int64_t n, int64_t block2,
-                              const std::vector<float>& log_w, MixtureBlockFn mixture_block,
-                              Scratch& sc) {
-  const int64_t K = a.K, V = a.V;
-  const TD* draft = static_cast<const TD*>(a.draft) + n * a.draft_stride_n;
-  const TP* target = kHasP ? static_cast<const TP*>(a.target) + n * a.target_stride_n : nullptr;
-  const float inv_t = a.inv_temperature;
-  int64_t read = 0;
+struct DraftUncertaintyKernel {
+  const Args& a;
+  int64_t block2;               // sweep-2 block
+  std::vector<float> log_w;     // log w_k (−inf for w_k = 0)
+  MixtureBlockFn mixture_block; // sweep-2 block sums for this K
 
-  // Sweep 1: online softmax of every draft (with its cross term) and of the reference.
-  SoftmaxState sp = softmax_state_empty();
-  for (auto& st : sc.states) st = softmax_state_empty();
-  for (int64_t v0 = 0; v0 < V; v0 += kBlock1) {
-    const int64_t len = std::min(kBlock1, V - v0);
-    if (kHasP) {
-      accumulate_lazy<false>(sp, target + v0, len, inv_t, sc.y.data(), nullptr);
-      read += len;
-    }
-    for (int64_t k = 0; k < K; ++k) {
-      accumulate_lazy<kHasP>(sc.states[k], draft + k * a.draft_stride_k + v0, len, inv_t,
-                             sc.x.data(), sc.y.data());
-      read += len;
-    }
+  explicit DraftUncertaintyKernel(const Args& args)
+      // (2K + 5) floats per entry in the sweep-2 scratch budget, a multiple of 64 entries
+      : a(args), block2(std::max<int64_t>(64, (kSweep2Floats / (2 * args.K + 5)) / 64 * 64)),
+        log_w(args.K), mixture_block(select_mixture_block<kHasP>(args.K)) {
+    for (int64_t k = 0; k < a.K; ++k) log_w[k] = std::log(a.weights[k]);
   }
 
-  const float nan = NAN;
-  const float lse_p = kHasP ? softmax_lse(sp) : nan;
-  float eu = 0.f, draft_entropy = 0.f;
-  for (int64_t k = 0; k < K; ++k) {
-    const SoftmaxState& st = sc.states[k];
-    const float lse = softmax_lse(st);
-    sc.lse[k] = lse;
-    a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse;
-    draft_entropy += prob_times(a.weights[k], softmax_entropy(st));
-    if (kHasP) eu += prob_times(a.weights[k], softmax_kl(st, lse, lse_p));
+  const TD* draft_row(int64_t n, int64_t k) const {
+    return static_cast<const TD*>(a.draft) + n * a.draft_stride_n + k * a.draft_stride_k;
+  }
+  const TP* target_row(int64_t n) const {
+    return static_cast<const TP*>(a.target) + n * a.target_stride_n;
   }
 
-  // Sweep 2: the mixture q̄ (log q̄ = logsumexp_k l_k) and the split of eu into jsd + kl.
-  float jsd = nan, mixture_entropy = nan, kl = nan;
-  if (a.decompose) {
-    jsd = mixture_entropy = kl = 0.f;
-    for (int64_t v0 = 0; v0 < V; v0 += block2) {
-      const int64_t len = std::min(block2, V - v0);
+  // Sweep 1 over [vb, ve) of row n into states[0, K) (drafts, with their cross terms) and
+  // states[K] (the reference). Returns the number of logits read.
+  int64_t sweep1(int64_t n, int64_t vb, int64_t ve, SoftmaxState* states, Scratch& sc) const {
+    const float inv_t = a.inv_temperature;
+    int64_t read = 0;
+    for (int64_t v0 = vb; v0 < ve; v0 += kBlock1) {
+      const int64_t len = std::min(kBlock1, ve - v0);
       if (kHasP) {
-        load_scaled(target + v0, len, inv_t, sc.y.data());
+        accumulate_lazy<false>(states[a.K], target_row(n) + v0, len, inv_t, sc.y.data(), nullptr);
         read += len;
       }
-      for (int64_t k = 0; k < K; ++k) {
-        const TD* __restrict src = draft + k * a.draft_stride_k + v0;
-        float* __restrict lk = sc.l.data() + k * block2;
-        const float lw = log_w[k], lse = sc.lse[k];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) lk[i] = mixture_log_weight(lw, to_float(src[i]) * inv_t, lse);
+      for (int64_t k = 0; k < a.K; ++k) {
+        accumulate_lazy<kHasP>(states[k], draft_row(n, k) + v0, len, inv_t, sc.x.data(),
+                               sc.y.data());
         read += len;
       }
-      const MixtureSums b = mixture_block(sc, block2, K, log_w.data(), lse_p, len);
-      jsd += b.jsd;
-      mixture_entropy += b.entropy;
-      kl += b.kl;
     }
-    if (!kHasP) kl = nan;
+    return read;
   }
 
-  float* out = a.stats + n * a.stats_stride_n;
-  const int64_t rs = a.stats_stride_row;
-  out[0 * rs] = kHasP ? eu : nan;
-  out[1 * rs] = jsd;
-  out[2 * rs] = kl;
-  out[3 * rs] = draft_entropy;
-  out[4 * rs] = mixture_entropy;
-  out[5 * rs] = kHasP ? softmax_entropy(sp) : nan;
-  a.target_lse[n * a.target_lse_stride_n] = lse_p;
-  return read;
-}
+  // Row results of complete sweep-1 states; writes draft_lse (and lse[K]) and target_lse.
+  RowSweep1 finish1(int64_t n, const SoftmaxState* states, float* lse) const {
+    const float nan = NAN;
+    RowSweep1 r{kHasP ? softmax_lse(states[a.K]) : nan, 0.f, 0.f,
+                kHasP ? softmax_entropy(states[a.K]) : nan};
+    for (int64_t k = 0; k < a.K; ++k) {
+      lse[k] = softmax_lse(states[k]);
+      a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse[k];
+      r.draft_entropy += prob_times(a.weights[k], softmax_entropy(states[k]));
+      if (kHasP) r.eu += prob_times(a.weights[k], softmax_kl(states[k], lse[k], r.lse_p));
+    }
+    if (!kHasP) r.eu = nan;
+    a.target_lse[n * a.target_lse_stride_n] = r.lse_p;
+    return r;
+  }
 
-template <class TD, class TP, bool kHasP>
-int64_t draft_uncertainty_rows(const Args& a, int num_threads) {
-  // Sweep-2 block: (2K + 5) floats per entry in the scratch budget, a multiple of 64 entries.
-  const int64_t block2 = std::max<int64_t>(64, (kSweep2Floats / (2 * a.K + 5)) / 64 * 64);
-  const MixtureBlockFn mixture_block = select_mixture_block<kHasP>(a.K);
-  std::vector<float> log_w(a.K);
-  for (int64_t k = 0; k < a.K; ++k) log_w[k] = std::log(a.weights[k]);
-  int64_t read = 0;
-#pragma omp parallel num_threads(num_threads) reduction(+ : read)
-  {
-    Scratch sc(a.K, block2);
+  // Sweep 2 over [vb, ve) of row n (the mixture q̄, log q̄ = logsumexp_k l_k), added to `sums`.
+  int64_t sweep2(int64_t n, int64_t vb, int64_t ve, const float* lse, float lse_p,
+                 MixtureSums& sums, Scratch& sc) const {
+    const float inv_t = a.inv_temperature;
+    int64_t read = 0;
+    for (int64_t v0 = vb; v0 < ve; v0 += block2) {
+      const int64_t len = std::min(block2, ve - v0);
+      if (kHasP) {
+        load_scaled(target_row(n) + v0, len, inv_t, sc.y.data());
+        read += len;
+      }
+      for (int64_t k = 0; k < a.K; ++k) {
+        const TD* __restrict src = draft_row(n, k) + v0;
+        float* __restrict lk = sc.l.data() + k * block2;
+        const float lw = log_w[k], lse_k = lse[k];
+#pragma omp simd
+        for (int64_t i = 0; i < len; ++i) lk[i] = mixture_log_weight(lw, to_float(src[i]) * inv_t, lse_k);
+        read += len;
+      }
+      const MixtureSums b = mixture_block(sc, block2, a.K, log_w.data(), lse_p, len);
+      sums.jsd += b.jsd;
+      sums.entropy += b.entropy;
+      sums.kl += b.kl;
+    }
+    return read;
+  }
+
+  // stats[:, n]; `mix` is null without the mixture sweep.
+  void write(int64_t n, const RowSweep1& r, const MixtureSums* mix) const {
+    const float nan = NAN;
+    float* out = a.stats + n * a.stats_stride_n;
+    const int64_t rs = a.stats_stride_row;
+    out[0 * rs] = r.eu;
+    out[1 * rs] = mix ? mix->jsd : nan;
+    out[2 * rs] = mix && kHasP ? mix->kl : nan;
+    out[3 * rs] = r.draft_entropy;
+    out[4 * rs] = mix ? mix->entropy : nan;
+    out[5 * rs] = r.target_entropy;
+  }
+
+  // OpenMP over rows: each row by one thread, both sweeps back to back (sweep 2 from L2).
+  int64_t run_rows(int threads) const {
+    int64_t read = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : read)
+    {
+      Scratch sc(a.K, block2);
+      std::vector<SoftmaxState> states(a.K + 1);
+      std::vector<float> lse(a.K);
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < a.N; ++n)
-      read += draft_uncertainty_row<TD, TP, kHasP>(a, n, block2, log_w, mixture_block, sc);
+      for (int64_t n = 0; n < a.N; ++n) {
+        std::fill(states.begin(), states.end(), softmax_state_empty());
+        read += sweep1(n, 0, a.V, states.data(), sc);
+        const RowSweep1 r = finish1(n, states.data(), lse.data());
+        MixtureSums mix{0.f, 0.f, 0.f};
+        if (a.decompose) read += sweep2(n, 0, a.V, lse.data(), r.lse_p, mix, sc);
+        write(n, r, a.decompose ? &mix : nullptr);
+      }
+    }
+    return read;
   }
-  return read;
-}
+
+  // Few rows: OpenMP over (row, span of kSplitSpan entries) for each sweep; the partial states
+  // and sums of a row are merged in span order, so the result does not depend on the threads.
+  int64_t run_split(int threads) const {
+    const int64_t spans = (a.V + kSplitSpan - 1) / kSplitSpan, items = a.N * spans, K1 = a.K + 1;
+    std::vector<SoftmaxState> part(items * K1, softmax_state_empty());
+    std::vector<MixtureSums> sums(items, MixtureSums{0.f, 0.f, 0.f});
+    std::vector<float> lse(a.N * a.K);
+    std::vector<RowSweep1> rows(a.N);
+    int64_t read = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : read)
+    {
+      Scratch sc(a.K, block2);
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < items; ++i) {
+        const int64_t n = i / spans, vb = (i % spans) * kSplitSpan;
+        read += sweep1(n, vb, std::min(a.V, vb + kSplitSpan), &part[i * K1], sc);
+      }
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < a.N; ++n) {
+        SoftmaxState* row = &part[n * spans * K1];
+        for (int64_t j = 1; j < spans; ++j)
+          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], row[j * K1 + k], FastExp{});
+        rows[n] = finish1(n, row, &lse[n * a.K]);
+      }
+      if (a.decompose) {
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < items; ++i) {
+          const int64_t n = i / spans, vb = (i % spans) * kSplitSpan;
+          read += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), &lse[n * a.K], rows[n].lse_p,
+                         sums[i], sc);
+        }
+      }
+#pragma omp for schedule(static)
+      for (int64_t n = 0; n < a.N; ++n) {
+        MixtureSums mix = sums[n * spans];
+        for (int64_t j = 1; j < spans; ++j) {
+          mix.jsd += sums[n * spans + j].jsd;
+          mix.entropy += sums[n * spans + j].entropy;
+          mix.kl += sums[n * spans + j].kl;
+        }
+        write(n, rows[n], a.decompose ? &mix : nullptr);
+      }
+    }
+    return read;
+  }
+
+  // The path depends on the shape only (never on the thread count), so results are reproducible.
+  int64_t run(int threads) const {
+    return a.N < kSplitRows && a.V >= 2 * kSplitSpan ? run_split(threads) : run_rows(threads);
+  }
+};
 
 int64_t draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t N, int64_t V,
                           int64_t draft_stride_k, int64_t draft_stride_n, uintptr_t target,
@@ -346,9 +430,9 @@ int64_t draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t N
   const int threads = std::max(1, num_threads);
   return dispatch_dtype(draft_dtype, [&](auto td) -> int64_t {
     using TD = decltype(td);
-    if (target == 0) return draft_uncertainty_rows<TD, TD, false>(a, threads);
+    if (target == 0) return DraftUncertaintyKernel<TD, TD, false>(a).run(threads);
     return dispatch_dtype(target_dtype, [&](auto tp) -> int64_t {
-      return draft_uncertainty_rows<TD, decltype(tp), true>(a, threads);
+      return DraftUncertaintyKernel<TD, decltype(tp), true>(a).run(threads);
     });
   });
 }

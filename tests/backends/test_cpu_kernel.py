@@ -252,3 +252,27 @@ def test_large_jumps_of_the_row_max():
     target = make_logits((3, V), "normal", generator=g)
     out = ek.draft_uncertainty(draft, target, backend="cpu")
     assert_close_stats(out, reference_stats(draft, target))
+
+
+@pytest.mark.parametrize("has_target", [True, False])
+def test_split_vocabulary_path_for_few_rows(has_target):
+    """N < 8 rows and V ≥ 32768 run over (row, span of 16384) items; the merge of the span states
+    must match the reference, with masked spans, a NaN row and a max that jumps between spans."""
+    g = torch.Generator().manual_seed(5)
+    K, N, V = 3, 5, 40000  # 3 spans, the last one short
+    draft = make_logits((K, N, V), "masked", generator=g)
+    draft[0, 1, :20000] = float("-inf")  # first span of a row fully masked
+    draft[1, 2, 30000:] += 150.0  # max jumps in the last span
+    draft[2, 3, 17] = float("nan")
+    target = make_logits((N, V), "normal", generator=g) if has_target else None
+    for decompose in (False, True):
+        out = ek.draft_uncertainty(draft, target, weights=[0.2, 0.5, 0.3], decompose=decompose,
+                                   backend="cpu")
+        ref = reference_stats(draft, target, weights=[0.2, 0.5, 0.3], decompose=decompose)
+        assert_close_stats(out, ref)
+    *_, read = _raw(draft, target)
+    assert read == 2 * (K + has_target) * N * V
+    runs = [_raw(draft, target, num_threads=t)[:3] for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
