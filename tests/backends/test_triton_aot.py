@@ -2,7 +2,7 @@
 
 Needs no GPU: ``triton.compile`` with ``GPUTarget("cuda", 80|90, 32)`` produces PTX, which Triton's
 own newest ``ptxas`` (``ptxas-blackwell`` where it ships; the system ptxas is too old for Triton's
-PTX) assembles with ``-v`` to report registers and spills. Every tile configuration the dispatcher can pick
+PTX) assembles with ``-v`` and Triton's own flags to report registers and spills. Every tile configuration the dispatcher can pick
 (:func:`epikern.backends.triton.config.all_tile_configs`) is compiled with fp32, fp16 and bf16
 logits (drafts and target of the same dtype) and the specialisation flags that do the most work
 (target present; mixture sweep on), with the pointer/stride divisibility the runtime specialises
@@ -23,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import pytest
 
@@ -33,7 +33,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from epikern.backends.triton import config  # noqa: E402
 
 ARCHS = (80, 90)
+VARIANT_ARCH = 90  #: the lighter flag variants are compiled for this arch only (time)
 DTYPES = ("fp32", "fp16", "bf16")
+ITEMSIZE = {"fp32": 4, "fp16": 2, "bf16": 2}
 PTXAS_ARCH = {80: "sm_80", 90: "sm_90a"}
 
 
@@ -45,7 +47,16 @@ class Spec:
     k_pad: int
     block_v: int
     num_warps: int
-    dtype: str  # logit dtype; "-" for kernels that read no logits
+    dtype: str  # draft logit dtype; "-" for kernels that read no logits
+    target: str = ""  # target logit dtype ("" = same as the drafts)
+    has_target: bool = True
+    decompose: bool = True
+
+    @property
+    def tag(self) -> str:
+        flags = ("" if self.has_target else "-notarget") + ("" if self.decompose else "-eu")
+        target = f"+{self.target}" if self.target else ""
+        return f"{self.kernel}-k{self.k_pad}-{self.dtype}{target}{flags}"
 
 
 @dataclass(frozen=True)
@@ -69,16 +80,37 @@ def _kernels():
 def specs() -> list[Spec]:
     """Every kernel specialisation the dispatcher can launch, with the heaviest flags."""
     out = []
-    for cfg in config.all_tile_configs():
-        if cfg.path == "row":
-            names = [("row", cfg.num_warps)]
-        else:
-            names = [("split_states", cfg.num_warps), ("split_mixture", cfg.num_warps)]
-        for name, warps in names:
-            out += [Spec(name, cfg.k_pad, cfg.block_v, warps, dt) for dt in DTYPES]
-        if cfg.path == "split":
-            out.append(Spec("split_finalize", cfg.k_pad, cfg.block_v, config.FINALIZE_WARPS, "-"))
-    return out
+    for dt in DTYPES:
+        for cfg in config.all_tile_configs(ITEMSIZE[dt]):
+            names = ["row"] if cfg.path == "row" else ["split_states", "split_mixture"]
+            out += [Spec(name, cfg.k_pad, cfg.block_v, cfg.num_warps, dt) for name in names]
+    for cfg in config.all_tile_configs(2):
+        if cfg.path == "split":  # reads no logits: one specialisation per K_PAD
+            out.append(Spec("split_finalize", cfg.k_pad, 0, config.FINALIZE_WARPS, "-"))
+    order = {"row": 0, "split_states": 1, "split_mixture": 2, "split_finalize": 3}
+    return sorted(out, key=lambda s: (s.k_pad, order[s.kernel], s.dtype))
+
+
+def flag_variants() -> list[Spec]:
+    """The lighter specialisations (no target, no mixture sweep, mixed draft/target dtypes) for
+    K_PAD ∈ {1, 4}: they share the code of :func:`specs` but must compile too (the interpreter does
+    not type-check loop-carried values, the compiler does)."""
+    uses = {"row": ("has_target", "decompose"), "split_states": ("has_target",),
+            "split_mixture": ("has_target",), "split_finalize": ("has_target", "decompose")}
+    main = set(specs())
+    out = []
+    for spec in main:
+        if spec.k_pad not in (1, 4) or spec.dtype not in ("bf16", "-"):
+            continue
+        for has_target in (True, False):
+            for decompose in (True, False):
+                if (not decompose and "decompose" not in uses[spec.kernel]):
+                    continue
+                target = "fp32" if has_target and spec.dtype != "-" else ""
+                variant = replace(spec, target=target, has_target=has_target, decompose=decompose)
+                if variant not in main:
+                    out.append(variant)
+    return sorted(out, key=lambda v: v.tag)
 
 
 #: Pointer arguments of the kernels; the others are fp32 (weights, workspace, outputs).
@@ -89,7 +121,9 @@ _FP32_POINTERS = ("W", "STATS", "DLSE", "TLSE", "WS_D", "WS_T", "WS_M")
 def _signature(fn, spec: Spec):
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` (triton ≥ 3.3 API)."""
     constexprs = {"K_PAD": spec.k_pad, "BLOCK_V": spec.block_v, "CHUNK_BLOCK":
-                  config.chunk_block_for(spec.k_pad), "HAS_TARGET": True, "DECOMPOSE": True}
+                  config.chunk_block_for(spec.k_pad), "HAS_TARGET": spec.has_target,
+                  "DECOMPOSE": spec.decompose}
+    dtypes = {"D": spec.dtype, "T": spec.target if spec.target and spec.has_target else spec.dtype}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -98,7 +132,7 @@ def _signature(fn, spec: Spec):
         elif name == "inv_temp":
             signature[name] = "fp32"
         elif name in _LOGIT_POINTERS or name in _FP32_POINTERS:
-            signature[name] = "*" + (spec.dtype if name in _LOGIT_POINTERS else "fp32")
+            signature[name] = "*" + dtypes.get(name, "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
@@ -117,6 +151,14 @@ def _ptxas() -> str:
     pytest.skip(f"Triton ships no ptxas in {bin_dir}")
 
 
+def _ptxas_flags(ptxas: str) -> list[str]:
+    """The flags Triton itself passes: ``-lineinfo``, plus ``--regAllocOptLevel=2`` for ptxas
+    13.x (Triton's workaround for a 13.x register-allocation bug that can cause small spills)."""
+    version = subprocess.run([ptxas, "--version"], capture_output=True, text=True).stdout
+    major = re.search(r"release (\d+)\.", version)
+    return ["-lineinfo"] + (["--regAllocOptLevel=2"] if major and int(major.group(1)) >= 13 else [])
+
+
 _REGS = re.compile(r"Used (\d+) registers")
 _SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -132,8 +174,10 @@ def compile_report(spec: Spec, arch: int) -> Report:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(compiled.asm["ptx"])
-        log = subprocess.run([_ptxas(), f"-arch={PTXAS_ARCH[arch]}", "-v", ptx_path,
-                              "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+        ptxas = _ptxas()
+        log = subprocess.run([ptxas, *_ptxas_flags(ptxas), f"-arch={PTXAS_ARCH[arch]}", "-v",
+                              ptx_path, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
     regs = [int(r) for r in _REGS.findall(log)]
     spills = [tuple(map(int, s)) for s in _SPILL.findall(log)]
     if not regs or not spills:
@@ -153,6 +197,7 @@ def _compile_one(job):
 def compile_all(jobs: int) -> dict:
     """``{(spec, arch): report dict or {"error": ...}}`` for every spec and arch, ``jobs`` at once."""
     work = [(spec, arch) for spec in specs() for arch in ARCHS]
+    work += [(spec, VARIANT_ARCH) for spec in flag_variants()]
     if jobs <= 1:
         results = map(_compile_one, work)
         return {(s, a): r for s, a, r in results}
@@ -176,27 +221,36 @@ def reports() -> dict:
 
 
 def test_every_dispatcher_config_is_enumerated():
-    """What :func:`config.choose` returns for a sweep of shapes is in the compiled set."""
-    tiles = {(c.path, c.k_pad, c.block_v, c.num_warps, c.chunk_block)
-             for c in config.all_tile_configs()}
-    for K in range(1, config.MAX_K + 1):
-        for N in (1, 8, 64, 128, 129, 4096):
-            for V in (1000, 32000, 128256):
-                c = config.choose(K, N, V, None)
-                assert (c.path, c.k_pad, c.block_v, c.num_warps, c.chunk_block) in tiles
-                assert 1 <= c.chunks <= config.MAX_CHUNKS
-                assert c.chunks == 1 or (c.chunks - 1) * c.chunk_size(V) < V  # no empty chunk
+    """What :func:`config.choose` returns for a sweep of shapes and dtypes is in the compiled set."""
+    import torch
+
+    compiled = {(s.kernel, s.k_pad, s.block_v, s.num_warps, s.dtype) for s in specs()}
+    finalize = {s.k_pad for s in specs() if s.kernel == "split_finalize"}
+    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    for dtype, dt in names.items():
+        for K in range(1, config.MAX_K + 1):
+            for N in (1, 8, 64, 128, 129, 4096):
+                for V in (1000, 32000, 128256):
+                    c = config.choose(K, N, V, dtype)
+                    kernels = ["row"] if c.path == "row" else ["split_states", "split_mixture"]
+                    for kernel in kernels:
+                        assert (kernel, c.k_pad, c.block_v, c.num_warps, dt) in compiled
+                    assert c.path == "row" or c.k_pad in finalize
+                    assert c.chunk_block == config.chunk_block_for(c.k_pad)
+                    assert 1 <= c.chunks <= config.MAX_CHUNKS
+                    assert c.chunks == 1 or (c.chunks - 1) * c.chunk_size(V) < V  # none empty
     with pytest.raises(ValueError, match="1 to 32 drafts"):
-        config.choose(config.MAX_K + 1, 1, 1000, None)
+        config.choose(config.MAX_K + 1, 1, 1000, torch.float32)
 
 
-@pytest.mark.parametrize("arch", ARCHS, ids=[f"sm{a}" for a in ARCHS])
-@pytest.mark.parametrize("spec", specs(), ids=lambda s: f"{s.kernel}-k{s.k_pad}-{s.dtype}")
+@pytest.mark.parametrize("spec,arch", [(s, a) for s in specs() for a in ARCHS]
+                         + [(s, VARIANT_ARCH) for s in flag_variants()],
+                         ids=lambda x: x.tag if isinstance(x, Spec) else f"sm{x}")
 def test_compiles_without_spills(reports, spec, arch):
     rep = reports[(spec, arch)]
     assert "error" not in rep, f"{spec} failed to compile for sm_{arch}: {rep['error']}"
-    print(f"{spec.kernel} K_PAD={spec.k_pad} BLOCK_V={spec.block_v} warps={spec.num_warps} "
-          f"{spec.dtype} sm_{arch}: {rep['registers']} registers, spill stores "
+    print(f"{spec.tag} BLOCK_V={spec.block_v} warps={spec.num_warps} "
+          f"sm_{arch}: {rep['registers']} registers, spill stores "
           f"{rep['spill_stores']} B, spill loads {rep['spill_loads']} B")
     assert rep["spill_stores"] == 0 and rep["spill_loads"] == 0, f"{spec} on sm_{arch} spills: {rep}"
 
@@ -210,9 +264,15 @@ def markdown_table(results: dict) -> str:
             rows.append(f"| {spec.kernel} | {spec.k_pad} | | | {spec.dtype} | compile error | | |")
             continue
         spill = sum(r[key] for r in (r80, r90) for key in ("spill_stores", "spill_loads"))
-        block = spec.block_v if spec.dtype != "-" else "-"
+        block = spec.block_v or "-"
         rows.append(f"| {spec.kernel} | {spec.k_pad} | {block} | {spec.num_warps} | {spec.dtype} "
                     f"| {r80['registers']} | {r90['registers']} | {spill} |")
+    variants = [results[(v, VARIANT_ARCH)] for v in flag_variants()]
+    ok = [r for r in variants if "error" not in r]
+    rows.append(f"\nLighter flag variants (no target / no mixture sweep / bf16 drafts with fp32 "
+                f"target, K_PAD 1 and 4, sm_{VARIANT_ARCH}): {len(ok)} of {len(variants)} compiled, "
+                f"max {max((r['registers'] for r in ok), default=0)} registers, "
+                f"{sum(r['spill_stores'] + r['spill_loads'] for r in ok)} spill bytes.")
     return "\n".join(rows)
 
 

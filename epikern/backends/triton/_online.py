@@ -50,15 +50,13 @@ def block_update(m, s, t, c, x, y, HAS_C: tl.constexpr):
 
 @triton.jit
 def fold_states(m, s, t, c, HAS_C: tl.constexpr):
-    """Merge a ``[CB, R]`` tile of partial states along axis 0 into ``[R]`` (fixed order)."""
+    """Merge a ``[CB, R]`` tile of partial states along axis 0 into ``[R]`` (fixed order).
+
+    Without ``HAS_C`` the returned ``c`` is only a placeholder of the right shape."""
     m_new = tl.max(m, axis=0)
     ref = _ref(m_new)
     s, t, c = _rescaled(m, s, t, c, ref[None, :], HAS_C)
-    s = tl.sum(s, axis=0)
-    t = tl.sum(t, axis=0)
-    if HAS_C:
-        c = tl.sum(c, axis=0)
-    return m_new, s, t, c
+    return m_new, tl.sum(s, axis=0), tl.sum(t, axis=0), tl.sum(c, axis=0)
 
 
 @triton.jit

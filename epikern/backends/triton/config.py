@@ -7,8 +7,8 @@ Two paths compute the same numbers (SPEC §1, §7):
   online-softmax states to a small fp32 workspace, merged in a fixed order (few rows: decode).
 
 The draft tile a program holds is ``[K_PAD, BLOCK_V]`` with ``K_PAD = next_pow2(K)`` and
-``K_PAD · BLOCK_V = TILE`` elements, so register use is the same for every K; the dtype of the
-logits does not change the configuration (loads are upcast to fp32 in registers). Every
+``K_PAD · BLOCK_V · itemsize = TILE_BYTES``: the same bytes per block for every K and dtype (the
+next block is prefetched into registers in its own dtype, then upcast to fp32). Every
 configuration :func:`choose` can return is listed by :func:`all_tile_configs`; the AOT test
 compiles each of them for sm_80 and sm_90 and fails on register spills.
 
@@ -28,8 +28,10 @@ import torch
 
 #: Largest number of drafts the Triton kernels take (K_PAD ≤ MAX_K).
 MAX_K = 32
-#: Elements of the ``[K_PAD, BLOCK_V]`` draft tile held by one program.
-TILE = 4096
+#: Bytes of the ``[K_PAD, BLOCK_V]`` draft tile held by one program (4096 fp16/bf16 elements).
+TILE_BYTES = 8192
+#: Element sizes of the logit dtypes the kernels read.
+ITEMSIZES = (2, 4)
 #: num_warps of the vocabulary-sweeping kernels (row kernel, split phases).
 SWEEP_WARPS = 8
 #: num_warps of the split path's per-row finalize kernel (no vocabulary sweep).
@@ -71,8 +73,8 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def block_v_for(k_pad: int) -> int:
-    return max(TILE // k_pad, 16)
+def block_v_for(k_pad: int, itemsize: int) -> int:
+    return max(TILE_BYTES // itemsize // k_pad, 16)
 
 
 def chunk_block_for(k_pad: int) -> int:
@@ -95,11 +97,10 @@ def choose(K: int, N: int, V: int, dtype: torch.dtype) -> Config:
 
     Pure in its arguments unless one of the ``EPIKERN_TRITON_*`` overrides is set.
     """
-    del dtype  # every dtype is upcast to fp32 in registers; the tile is the same
     if not 1 <= K <= MAX_K:
         raise ValueError(f"backend 'triton' supports 1 to {MAX_K} drafts, got K={K}")
     k_pad = next_pow2(K)
-    block_v = block_v_for(k_pad)
+    block_v = block_v_for(k_pad, torch.empty((), dtype=dtype).element_size())
     forced_block = _env_int("EPIKERN_TRITON_BLOCK_V")
     if forced_block is not None:
         if forced_block < 16 or forced_block != next_pow2(forced_block):
@@ -123,16 +124,14 @@ def choose(K: int, N: int, V: int, dtype: torch.dtype) -> Config:
     return Config(path, k_pad, block_v, SWEEP_WARPS, chunks, chunk_block_for(k_pad))
 
 
-def all_tile_configs() -> list[Config]:
-    """Every (path, K_PAD, BLOCK_V, num_warps, CHUNK_BLOCK) :func:`choose` can return.
-
-    ``chunks`` is a runtime argument of the kernels, so it is fixed to 1 (row) or 2 (split) here.
-    """
+def all_tile_configs(itemsize: int) -> list[Config]:
+    """Every (path, K_PAD, BLOCK_V, num_warps, CHUNK_BLOCK) :func:`choose` can return for logits
+    of ``itemsize`` bytes. ``chunks`` is a runtime argument of the kernels: 1 (row), 2 (split)."""
     out = []
     k_pad = 1
     while k_pad <= MAX_K:
         for path in PATHS:
-            out.append(Config(path, k_pad, block_v_for(k_pad), SWEEP_WARPS,
+            out.append(Config(path, k_pad, block_v_for(k_pad, itemsize), SWEEP_WARPS,
                               1 if path == "row" else 2, chunk_block_for(k_pad)))
         k_pad *= 2
     return out
