@@ -34,6 +34,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
 from . import _checks
@@ -329,6 +330,31 @@ def _fused_linear_sum_backward(ctx, grad_total, _grad_hidden, _grad_weight):
 
 _fused_linear_sum_op.register_autograd(_fused_linear_sum_backward,
                                        setup_context=_fused_linear_sum_setup)
+
+
+# FLOPs of the GEMMs inside the fused-linear ops, for torch.utils.flop_counter.FlopCounterMode
+# (which cannot see into a custom op; like aten::mm, 2·N·d·V per GEMM, elementwise work uncounted).
+
+
+def _gemm_flops(hidden_shape, weight_shape, gemms: int) -> int:
+    return gemms * 2 * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
+
+
+@register_flop_formula(torch.ops.epikern.fused_linear_forward_kl)
+def _(hidden, weight, *args, out_shape=None, **kwargs) -> int:
+    return _gemm_flops(hidden, weight, 1)
+
+
+@register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_backward)
+def _(grad_loss, hidden, weight, teacher, student_lse, teacher_lse, temperature, chunk_rows,
+      need_hidden, need_weight, backend, out_shape=None) -> int:
+    return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
+
+
+@register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_sum)
+def _(hidden, weight, teacher, keep, temperature, chunk_rows, need_hidden, need_weight, backend,
+      out_shape=None) -> int:
+    return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
 
 
 # --------------------------------------------------------------------------------------------

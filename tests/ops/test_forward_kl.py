@@ -524,6 +524,23 @@ def test_compile_dynamic_shapes():
             assert_close(name, a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_flop_counter_sees_the_fused_linear_gemms():
+    """FlopCounterMode cannot look inside a custom op: the registered formulas count its GEMMs."""
+    from torch.utils.flop_counter import FlopCounterMode
+    h = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(100, 32, requires_grad=True)
+    t = torch.randn(64, 100)
+    gemm = 2 * 64 * 32 * 100
+    # mean: 3 GEMMs (gradients formed in forward); none: 1 + 3 (logits recomputed in backward)
+    for reduction, gemms in (("mean", 3), ("none", 4)):
+        with FlopCounterMode(display=False) as counter:
+            ek.fused_linear_forward_kl(h, w, t, reduction=reduction).sum().backward()
+        assert counter.get_total_flops() == gemms * gemm
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        ek.fused_linear_forward_kl(h, w, t)
+    assert counter.get_total_flops() == gemm
+
+
 def test_fake_tensor_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
