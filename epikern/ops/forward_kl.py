@@ -21,7 +21,9 @@ Op layout (all on flattened rows ``[N, V]`` with unit stride over V, any row str
   Rows with ``grad_loss = 0`` (dropped rows) are written as zeros without reading the logits.
 * ``epikern::fused_linear_forward_kl`` / ``..._backward``: the same loss on ``hidden @ weight.T``,
   computed chunk by chunk over rows on top of the two ops' backend entry points, so only one
-  ``[chunk, V]`` block of student logits (reused in place for its gradient) exists at a time.
+  ``[chunk, V]`` block of student logits (reused in place for its gradient) exists at a time;
+  the backward recomputes the chunk's logits. ``epikern::fused_linear_forward_kl_sum`` serves the
+  scalar reductions: the summed loss and both gradients in one pass (backward only scales them).
 
 Backend entry points (``epikern.backends``): ``forward_kl_out(student, teacher, keep, temperature,
 loss, student_lse, teacher_lse)`` and ``forward_kl_backward_out(grad_loss, student, teacher,
@@ -447,9 +449,12 @@ def fused_linear_forward_kl(
             gradients themselves: ``O(chunk_rows · V + V · d)``, never ``N · V``.
 
     Returns:
-        As :func:`forward_kl`. Gradients flow to ``student_hidden`` and ``lm_head_weight``;
-        the backward pass recomputes each chunk's logits (one extra GEMM) and accumulates the
-        weight gradient in float32.
+        As :func:`forward_kl`. Gradients flow to ``student_hidden`` and ``lm_head_weight``, the
+        weight gradient accumulated over chunks in float32. With autograd recording and a scalar
+        reduction the gradients are formed chunk by chunk during the forward pass (3 GEMMs in
+        all; backward only scales them by the upstream gradient). For ``reduction="none"`` the
+        backward pass recomputes each chunk's logits (4 GEMMs); without autograd only the
+        forward GEMM runs.
     """
     _checks.check_logits("student_hidden", student_hidden, min_dim=1)
     _checks.check_logits("lm_head_weight", lm_head_weight, min_dim=2)
