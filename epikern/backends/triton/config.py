@@ -30,8 +30,6 @@ import torch
 MAX_K = 32
 #: Bytes of the ``[K_PAD, BLOCK_V]`` draft tile held by one program (4096 fp16/bf16 elements).
 TILE_BYTES = 8192
-#: Element sizes of the logit dtypes the kernels read.
-ITEMSIZES = (2, 4)
 #: num_warps of the vocabulary-sweeping kernels (row kernel, split phases).
 SWEEP_WARPS = 8
 #: num_warps of the split path's per-row finalize kernel (no vocabulary sweep).
@@ -100,7 +98,7 @@ def choose(K: int, N: int, V: int, dtype: torch.dtype) -> Config:
     if not 1 <= K <= MAX_K:
         raise ValueError(f"backend 'triton' supports 1 to {MAX_K} drafts, got K={K}")
     k_pad = next_pow2(K)
-    block_v = block_v_for(k_pad, torch.empty((), dtype=dtype).element_size())
+    block_v = block_v_for(k_pad, dtype.itemsize)
     forced_block = _env_int("EPIKERN_TRITON_BLOCK_V")
     if forced_block is not None:
         if forced_block < 16 or forced_block != next_pow2(forced_block):
