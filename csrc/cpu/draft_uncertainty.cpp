@@ -284,19 +284,19 @@ struct DraftUncertaintyKernel {
     return read;
   }
 
-  // Row results of complete sweep-1 states; writes draft_lse (and lse[K]) and target_lse.
-  RowSweep1 finish1(int64_t n, const SoftmaxState* states, float* lse) const {
+  // Row results of complete sweep-1 states and lse[K]; writes draft_lse and target_lse if `store`.
+  RowSweep1 finish1(int64_t n, const SoftmaxState* states, float* lse, bool store) const {
     const float nan = NAN;
     RowSweep1 r{kHasP ? softmax_lse(states[a.K]) : nan, 0.f, 0.f,
                 kHasP ? softmax_entropy(states[a.K]) : nan};
     for (int64_t k = 0; k < a.K; ++k) {
       lse[k] = softmax_lse(states[k]);
-      a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse[k];
+      if (store) a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse[k];
       r.draft_entropy += prob_times(a.weights[k], softmax_entropy(states[k]));
       if (kHasP) r.eu += prob_times(a.weights[k], softmax_kl(states[k], lse[k], r.lse_p));
     }
     if (!kHasP) r.eu = nan;
-    a.target_lse[n * a.target_lse_stride_n] = r.lse_p;
+    if (store) a.target_lse[n * a.target_lse_stride_n] = r.lse_p;
     return r;
   }
 
@@ -352,7 +352,7 @@ struct DraftUncertaintyKernel {
       for (int64_t n = 0; n < a.N; ++n) {
         std::fill(states.begin(), states.end(), softmax_state_empty());
         read += sweep1(n, 0, a.V, states.data(), sc);
-        const RowSweep1 r = finish1(n, states.data(), lse.data());
+        const RowSweep1 r = finish1(n, states.data(), lse.data(), true);
         MixtureSums mix{0.f, 0.f, 0.f};
         if (a.decompose) read += sweep2(n, 0, a.V, lse.data(), r.lse_p, mix, sc);
         write(n, r, a.decompose ? &mix : nullptr);
@@ -363,46 +363,47 @@ struct DraftUncertaintyKernel {
 
   // Few rows: OpenMP over (row, span of kSplitSpan entries) for each sweep; the partial states
   // and sums of a row are merged in span order, so the result does not depend on the threads.
+  // One barrier (between the sweeps): every sweep-2 item merges its row's states itself.
   int64_t run_split(int threads) const {
     const int64_t spans = (a.V + kSplitSpan - 1) / kSplitSpan, items = a.N * spans, K1 = a.K + 1;
     std::vector<SoftmaxState> part(items * K1, softmax_state_empty());
     std::vector<MixtureSums> sums(items, MixtureSums{0.f, 0.f, 0.f});
-    std::vector<float> lse(a.N * a.K);
     std::vector<RowSweep1> rows(a.N);
     int64_t read = 0;
 #pragma omp parallel num_threads(threads) reduction(+ : read)
     {
       Scratch sc(a.K, block2);
+      std::vector<SoftmaxState> row(K1);
+      std::vector<float> lse(a.K);
 #pragma omp for schedule(static)
       for (int64_t i = 0; i < items; ++i) {
         const int64_t n = i / spans, vb = (i % spans) * kSplitSpan;
         read += sweep1(n, vb, std::min(a.V, vb + kSplitSpan), &part[i * K1], sc);
       }
+      // sweep 2 items (or, without it, one item per row): merge the row's span states in order
 #pragma omp for schedule(static)
-      for (int64_t n = 0; n < a.N; ++n) {
-        SoftmaxState* row = &part[n * spans * K1];
-        for (int64_t j = 1; j < spans; ++j)
-          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], row[j * K1 + k], FastExp{});
-        rows[n] = finish1(n, row, &lse[n * a.K]);
-      }
-      if (a.decompose) {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < items; ++i) {
-          const int64_t n = i / spans, vb = (i % spans) * kSplitSpan;
-          read += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), &lse[n * a.K], rows[n].lse_p,
-                         sums[i], sc);
+      for (int64_t i = 0; i < items; ++i) {
+        const int64_t n = i / spans, j = i % spans;
+        if (!a.decompose && j != 0) continue;
+        std::copy(&part[n * spans * K1], &part[(n * spans + 1) * K1], row.begin());
+        for (int64_t jj = 1; jj < spans; ++jj)
+          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], part[(n * spans + jj) * K1 + k], FastExp{});
+        const RowSweep1 r = finish1(n, row.data(), lse.data(), j == 0);  // same in every item
+        if (j == 0) rows[n] = r;
+        if (a.decompose) {
+          const int64_t vb = j * kSplitSpan;
+          read += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), lse.data(), r.lse_p, sums[i], sc);
         }
       }
-#pragma omp for schedule(static)
-      for (int64_t n = 0; n < a.N; ++n) {
-        MixtureSums mix = sums[n * spans];
-        for (int64_t j = 1; j < spans; ++j) {
-          mix.jsd += sums[n * spans + j].jsd;
-          mix.entropy += sums[n * spans + j].entropy;
-          mix.kl += sums[n * spans + j].kl;
-        }
-        write(n, rows[n], a.decompose ? &mix : nullptr);
+    }
+    for (int64_t n = 0; n < a.N; ++n) {
+      MixtureSums mix = sums[n * spans];
+      for (int64_t j = 1; j < spans; ++j) {
+        mix.jsd += sums[n * spans + j].jsd;
+        mix.entropy += sums[n * spans + j].entropy;
+        mix.kl += sums[n * spans + j].kl;
       }
+      write(n, rows[n], a.decompose ? &mix : nullptr);
     }
     return read;
   }
