@@ -8,11 +8,13 @@
 // OpenMP over rows (schedule static: each row is computed by one thread in a fixed order, so the
 // results do not depend on the thread count); with fewer than kSplitRows rows and V ≥ 2·kSplitSpan
 // over (row, vocabulary span) items instead, partial states merged in span order. Per row/span:
-//   sweep 1: blocks of kBlock1 entries; each distribution's block is converted to fp32 · 1/T into
-//            an L1-resident buffer (with its block max), then one vectorised loop accumulates the
-//            online-softmax sums (s, t and the cross term c against the reference).
-//   sweep 2 (decompose only): re-reads the row (still in L2) in smaller blocks and accumulates
-//            Σ_v jsd, −q̄ log q̄ and q̄ (log q̄ − y + lse_p) with loops over k outside and v inside.
+//   sweep 1: blocks of kBlock1 entries, ONE vectorised pass per distribution and block: convert
+//            to fp32 · 1/T (kept in an L1 buffer), take e^{x − origin} with the origin = the max
+//            of the earlier blocks, accumulate s, t and the cross term c against the reference
+//            and the block max, then move the origin to the new max (accumulate_lazy).
+//   sweep 2 (decompose only): re-reads the row (still in L2) in blocks of block2 entries: l_k into
+//            an L1 buffer, then for K ≤ 8 one vectorised pass with an entry's K values in registers
+//            (mixture_terms of the header), for larger K the same stages as loops over k.
 // The kernel returns the number of logit elements it read: (K + has_p)·N·V per sweep.
 #include <pybind11/pybind11.h>
 
