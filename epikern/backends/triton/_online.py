@@ -179,6 +179,35 @@ def sweep_states(D, T, k, kmask, stride_dk, lo, hi, inv_temp,
 
 
 @triton.jit
+def sweep_mixture(D, T, k, kmask, stride_dk, lo, hi, inv_temp, lse, w, lse_p,
+                  BLOCK_V: tl.constexpr, HAS_TARGET: tl.constexpr):
+    """Sums of the :func:`mixture_block` terms over vocabulary entries ``[lo, hi)``: scalars
+    ``(jsd, mixture_entropy, kl)`` (``kl`` is 0 without a target). ``lse [K_PAD]`` and
+    ``w [K_PAD]`` (0 on padding) come from the first sweep. Blocks are walked last to first, so
+    the most recently read ones (still in L2) come first."""
+    lse = tl.where(kmask, lse, 0.0)
+    log_w = tl.log(w)
+    v = tl.arange(0, BLOCK_V)
+    acc_jsd = tl.zeros([BLOCK_V], tl.float32)
+    acc_ent = tl.zeros([BLOCK_V], tl.float32)
+    acc_kl = tl.zeros([BLOCK_V], tl.float32)
+    n_blocks = tl.cdiv(hi - lo, BLOCK_V)
+    for i in range(0, n_blocks):
+        offs = lo + (n_blocks - 1 - i) * BLOCK_V + v
+        vmask = offs < hi
+        x = load_tile(D, k, kmask, stride_dk, offs, vmask, inv_temp)
+        if HAS_TARGET:
+            y = load_target(T, offs, vmask, inv_temp)
+        else:
+            y = offs
+        jsd_b, ent_b, kl_b = mixture_block(x, y, lse, log_w, lse_p, HAS_TARGET)
+        acc_jsd += jsd_b
+        acc_ent += ent_b
+        acc_kl += kl_b
+    return tl.sum(acc_jsd, axis=0), tl.sum(acc_ent, axis=0), tl.sum(acc_kl, axis=0)
+
+
+@triton.jit
 def store_row(STATS, DLSE, TLSE, n, N, k, kmask, eu, jsd, kl, draft_entropy, mixture_entropy,
               target_entropy, lse, lse_p):
     """Write one row of the packed outputs ``stats [6, N]``, ``draft_lse [K, N]``, ``target_lse [N]``."""

@@ -18,8 +18,8 @@ No atomics and a fixed reduction order: results are deterministic. Workspace: O(
 import triton
 import triton.language as tl
 
-from ._online import (finish_states, fold_states, load_target, load_tile, merge_states,
-                      mixture_block, store_row, sweep_states)
+from ._online import (finish_states, fold_states, merge_states, store_row, sweep_mixture,
+                      sweep_states)
 
 
 @triton.jit
@@ -99,37 +99,15 @@ def split_mixture_kernel(
     hi = tl.minimum(lo + CHUNK_V, V)
     k = tl.arange(0, K_PAD)
     kmask = k < K
-    v = tl.arange(0, BLOCK_V)
-    d_row = D + n * stride_dn
-    t_row = T + n * stride_tn
-
     m, s, t, c, mp, sp, tp = _merged_row(WS_D, WS_T, n, C, K_PAD, CHUNK_BLOCK, HAS_TARGET)
     w = tl.load(W + k, mask=kmask, other=0.0)
     _, _, _, lse, lse_p = finish_states(m, s, t, c, w, mp, sp, tp, HAS_TARGET)
-    lse_in = tl.where(kmask, lse, 0.0)
-    log_w = tl.log(w)
-
-    acc_jsd = tl.zeros([BLOCK_V], tl.float32)
-    acc_ent = tl.zeros([BLOCK_V], tl.float32)
-    acc_kl = tl.zeros([BLOCK_V], tl.float32)
-    n_blocks = tl.cdiv(hi - lo, BLOCK_V)
-    for i in range(0, n_blocks):
-        offs = lo + (n_blocks - 1 - i) * BLOCK_V + v
-        vmask = offs < hi
-        x = load_tile(d_row, k, kmask, stride_dk, offs, vmask, inv_temp)
-        if HAS_TARGET:
-            y = load_target(t_row, offs, vmask, inv_temp)
-        else:
-            y = offs
-        jsd_b, ent_b, kl_b = mixture_block(x, y, lse_in, log_w, lse_p, HAS_TARGET)
-        acc_jsd += jsd_b
-        acc_ent += ent_b
-        acc_kl += kl_b
+    jsd, ent, kl = sweep_mixture(D + n * stride_dn, T + n * stride_tn, k, kmask, stride_dk, lo, hi,
+                                 inv_temp, lse, w, lse_p, BLOCK_V, HAS_TARGET)
     wm = WS_M + pid * 4
-    tl.store(wm, tl.sum(acc_jsd, axis=0))
-    tl.store(wm + 1, tl.sum(acc_ent, axis=0))
-    tl.store(wm + 2, tl.sum(acc_kl, axis=0))
-
+    tl.store(wm, jsd)
+    tl.store(wm + 1, ent)
+    tl.store(wm + 2, kl)
 
 @triton.jit
 def split_finalize_kernel(
