@@ -14,18 +14,22 @@ __device__ __forceinline__ SoftmaxState load_state_cg(const SoftmaxState* p) {
   return SoftmaxState{v.x, v.y, v.z, v.w};
 }
 
-// True in the CTA that finishes its row last (threadfence-reduction pattern); that CTA resets
-// the counter for the next launch. The partial results of every CTA are visible to it.
+// True in the CTA that finishes its row last; that CTA resets the counter for the next launch.
+// The CUTLASS "generic barrier" pattern: the barrier orders every thread's partial results before
+// thread 0's release fence and counter increment; in the last CTA, thread 0's acquire fence and
+// the barrier make all CTAs' partial results visible to its threads (read with __ldcg, past L1).
 __device__ __forceinline__ bool last_cta_of_row(unsigned* counter, int splits) {
   __shared__ bool last;
-  __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
     last = atomicAdd(counter, 1u) == unsigned(splits - 1);
-    if (last) *counter = 0u;
+    if (last) {
+      *counter = 0u;
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    }
   }
   __syncthreads();
-  if (last) __threadfence();
   return last;
 }
 
