@@ -102,9 +102,10 @@ def test_identical_drafts_have_zero_jsd(backend, K):
 
 def test_non_contiguous_inputs(backend):
     g = _gen(6)
-    base = make_logits((6, 8, 2 * 1000), "normal", generator=g)
+    device = backend[1]  # views are made on the device: .to(device) of a view would copy it
+    base = make_logits((6, 8, 2 * 1000), "normal", generator=g, device=device)
     draft = base[1:5, ::2, :1000]  # strided K and N, unit stride on V
-    target = make_logits((1000, 4), "normal", generator=g).t()  # strided V: copied
+    target = make_logits((1000, 4), "normal", generator=g, device=device).t()  # strided V: copied
     assert not draft.is_contiguous() and target.stride(-1) != 1
     assert_close_stats(_run(backend, draft, target), reference_stats(draft, target))
 
