@@ -42,8 +42,10 @@ constexpr int64_t kSplitSpan = 8 * kBlock1;  // vocabulary span of one work item
 struct FastExp {
   EPIKERN_INLINE float operator()(float x) const { return fast_exp(x); }
 };
-struct FastLog {
-  EPIKERN_INLINE float operator()(float x) const { return fast_log(x); }
+// Sweep 2 takes logs of S = Σ_k e^{l_k − max_k l_k} ∈ [1, K] only (NaN rows stay NaN through
+// q̄ = S·e^r and the jsd terms), so the log without special cases suffices.
+struct FastLogGe1 {
+  EPIKERN_INLINE float operator()(float x) const { return fast_log_normal(x); }
 };
 
 struct Args {
@@ -166,7 +168,7 @@ MixtureSums mixture_block_fixed(Scratch& sc, int64_t ld, int64_t, const float* l
 #pragma omp simd reduction(+ : bj, bh, bk)
   for (int64_t i = 0; i < len; ++i) {
     const MixtureTerms mt = mixture_terms(lb + i, ld, lw, K, kHasP, kHasP ? yb[i] : 0.f, lse_p,
-                                          FastExp{}, FastLog{});
+                                          FastExp{}, FastLogGe1{});
     bj += mt.jsd;
     bh += mt.entropy;
     bk += mt.kl;
@@ -206,7 +208,7 @@ MixtureSums mixture_block_staged(Scratch& sc, int64_t ld, int64_t K, const float
     }
   }
 #pragma omp simd
-  for (int64_t i = 0; i < len; ++i) lqb[i] = rb[i] + fast_log(Sb[i]);
+  for (int64_t i = 0; i < len; ++i) lqb[i] = rb[i] + fast_log_normal(Sb[i]);  // S ∈ [1, K]
   for (int64_t k = 0; k < K; ++k) {
     const float* __restrict lk = sc.l.data() + k * ld;
     const float* __restrict ek = sc.e.data() + k * ld;

@@ -50,15 +50,13 @@ EPIKERN_INLINE float fast_exp(float x) {
   return y;
 }
 
-// log x with ~1 ulp error for every positive float including denormals (Cephes logf polynomial).
-// log 0 = −inf, log(+inf) = +inf, log(x < 0) = NaN, log NaN = NaN.
-EPIKERN_INLINE float fast_log(float x) {
-  const bool denormal = x < 1.17549435e-38f;
-  const float xs = denormal ? x * 8388608.f : x;  // 2^23 lifts denormals into the normal range
-  const uint32_t u = float_to_bits(xs);
-  float e = static_cast<float>(static_cast<int32_t>((u >> 23) & 0xffu) - 126) -
-            (denormal ? 23.f : 0.f);
-  float m = bits_to_float((u & 0x007fffffu) | 0x3f000000u);  // m ∈ [0.5, 1)
+// log x with ~1 ulp error for positive NORMAL finite x (Cephes logf polynomial on the mantissa);
+// no special cases (0, denormals, inf, NaN, x < 0 give garbage): the kernels use it where x is
+// known to be ≥ 1 (a sum whose largest term is 1).
+EPIKERN_INLINE float fast_log_normal(float x) {
+  const uint32_t u = float_to_bits(x);
+  float e = static_cast<float>(static_cast<int32_t>((u >> 23) & 0xffu) - 126);
+  float m = bits_to_float((u & 0x007fffffu) | 0x3f000000u);  // x = m·2^e, m ∈ [0.5, 1)
   const bool small = m < 0.707106781186547524f;
   e = small ? e - 1.f : e;
   m = small ? m + m - 1.f : m - 1.f;
@@ -77,9 +75,6 @@ EPIKERN_INLINE float fast_log(float x) {
   y += -0.5f * z;
   y = m + y;
   y += 0.693359375f * e;
-  y = x == 0.f ? -std::numeric_limits<float>::infinity() : y;
-  y = x == std::numeric_limits<float>::infinity() ? x : y;
-  y = !(x >= 0.f) ? std::numeric_limits<float>::quiet_NaN() : y;  // x < 0 or NaN
   return y;
 }
 

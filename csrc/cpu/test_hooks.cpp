@@ -74,7 +74,7 @@ F32 mixture_terms_all(const F32& l, const F32& log_w, const F32& y, float lse_p,
 
 void bind_test_hooks(py::module_& m) {
   m.def("_test_exp", [](const F32& x) { return map_elementwise(x, fast_exp); });
-  m.def("_test_log", [](const F32& x) { return map_elementwise(x, fast_log); });
+  m.def("_test_log", [](const F32& x) { return map_elementwise(x, fast_log_normal); });
   m.def("_test_half_to_float", [](const U16& h) { return map_elementwise(h, half_to_float); });
   m.def("_test_bf16_to_float", [](const U16& b) { return map_elementwise(b, bf16_to_float); });
   m.def("_test_softmax_chunks", &softmax_chunks, py::arg("x"), py::arg("y"), py::arg("chunk"),

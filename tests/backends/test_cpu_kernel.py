@@ -53,12 +53,13 @@ def test_fast_exp_accuracy_and_specials():
     assert (got[6:] == np.inf).all()  # saturates above 127.5·ln2 (documented)
 
 
-def test_fast_log_accuracy_and_specials():
+def test_fast_log_accuracy_on_normal_floats():
+    """fast_log_normal (sweep 2 takes logs of sums in [1, K]) over the whole normal range."""
     rng = np.random.default_rng(1)
     x = np.concatenate([
-        np.exp(rng.uniform(-87, 88, 200_000)), rng.uniform(0.5, 2.0, 50_000),
+        np.exp(rng.uniform(-87, 88, 200_000)), rng.uniform(1.0, 64.0, 50_000),
         1.0 + rng.normal(0, 1e-5, 1000),
-        np.array([1e-39, 1e-42, 1e-45, FLT_MIN, np.finfo(np.float32).max, 1.0, 0.70710677, 0.7071068]),
+        np.array([FLT_MIN, np.finfo(np.float32).max, 1.0, 2.0, 0.70710677, 0.7071068]),
     ]).astype(np.float32)
     out = _cpu._test_log(x).astype(np.float64)
     ref = np.log(x.astype(np.float64))
@@ -66,11 +67,7 @@ def test_fast_log_accuracy_and_specials():
     bound = 1.5e-7 * np.abs(ref) + 1.2e-7
     bad = err > bound
     assert not bad.any(), f"log({x[bad][0]!r}) = {out[bad][0]!r}, expected {ref[bad][0]!r}"
-
-    specials = np.array([0.0, -0.0, np.inf, -1.0, -np.inf, np.nan], dtype=np.float32)
-    got = _cpu._test_log(specials)
-    assert got[0] == -np.inf and got[1] == -np.inf and got[2] == np.inf
-    assert np.isnan(got[3:]).all()
+    assert _cpu._test_log(np.array([1.0], dtype=np.float32))[0] == 0.0
 
 
 def test_half_to_float_is_exact_for_every_bit_pattern():
