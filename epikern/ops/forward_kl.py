@@ -32,11 +32,11 @@ student_lse, teacher_lse, temperature, grad_student)``; ``grad_student`` may ali
 
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 from .. import backends
 from . import _checks
@@ -336,27 +336,37 @@ _fused_linear_sum_op.register_autograd(_fused_linear_sum_backward,
 
 # FLOPs of the GEMMs inside the fused-linear ops, for torch.utils.flop_counter.FlopCounterMode
 # (which cannot see into a custom op; like aten::mm, 2·N·d·V per GEMM, elementwise work uncounted).
+# Registered on the first call after torch.utils.flop_counter was imported (a counter can only be
+# active then): importing it ourselves would import triton with `import epikern`, before a caller
+# could switch on TRITON_INTERPRET.
+_flop_formulas_registered = False
 
 
 def _gemm_flops(hidden_shape, weight_shape, gemms: int) -> int:
     return gemms * 2 * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
 
 
-@register_flop_formula(torch.ops.epikern.fused_linear_forward_kl)
-def _(hidden, weight, *args, out_shape=None, **kwargs) -> int:
-    return _gemm_flops(hidden, weight, 1)
+def _register_flop_formulas() -> None:
+    global _flop_formulas_registered
+    if _flop_formulas_registered or "torch.utils.flop_counter" not in sys.modules:
+        return
+    from torch.utils.flop_counter import register_flop_formula
 
+    @register_flop_formula(torch.ops.epikern.fused_linear_forward_kl)
+    def _(hidden, weight, *args, out_shape=None, **kwargs) -> int:
+        return _gemm_flops(hidden, weight, 1)
 
-@register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_backward)
-def _(grad_loss, hidden, weight, teacher, student_lse, teacher_lse, temperature, chunk_rows,
-      need_hidden, need_weight, backend, out_shape=None) -> int:
-    return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
+    @register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_backward)
+    def _(grad_loss, hidden, weight, teacher, student_lse, teacher_lse, temperature, chunk_rows,
+          need_hidden, need_weight, backend, out_shape=None) -> int:
+        return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
 
+    @register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_sum)
+    def _(hidden, weight, teacher, keep, temperature, chunk_rows, need_hidden, need_weight,
+          backend, out_shape=None) -> int:
+        return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
 
-@register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_sum)
-def _(hidden, weight, teacher, keep, temperature, chunk_rows, need_hidden, need_weight, backend,
-      out_shape=None) -> int:
-    return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
+    _flop_formulas_registered = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -456,6 +466,8 @@ def fused_linear_forward_kl(
         backward pass recomputes each chunk's logits (4 GEMMs); without autograd only the
         forward GEMM runs.
     """
+    if not torch.compiler.is_compiling():
+        _register_flop_formulas()
     _checks.check_logits("student_hidden", student_hidden, min_dim=1)
     _checks.check_logits("lm_head_weight", lm_head_weight, min_dim=2)
     _checks.check_logits("teacher_logits", teacher_logits, min_dim=1)
