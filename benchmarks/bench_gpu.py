@@ -142,41 +142,63 @@ def kernel_backends(device: torch.device) -> tuple[list[str], list[str]]:
     return ok, missing
 
 
-def bench_shape(shape: Shape, device, timer: Timer, kernel_names: list[str], copy_bw: float,
-                launch_ms: float, compiled: Optional[Callable], deadline: float) -> list[Row]:
+def bench_impls(shape: Shape, inputs, timer: Timer, impls: list[tuple[str, Callable, int]],
+                deadline: float) -> list[Row]:
+    """Time each ``(name, make_fn(draft, target, weights), reps)`` on ``shape``; failures, OOM and
+    a spent time budget become notes."""
+    draft, target, weights = inputs
     rows = []
-    draft, target = make_inputs(shape, device)
-    weights = torch.full((shape.K,), 1.0 / shape.K, dtype=torch.float32, device=device)
-    nbytes = shape.logit_bytes()
-
-    def add(impl, fn, reps=20):
+    for impl, make_fn, reps in impls:
         if time.perf_counter() > deadline:
             rows.append(Row(shape.name, impl, note="skipped: time budget spent"))
-            return
+            continue
         try:
-            ms = timer(fn, reps=reps)
+            ms = timer(make_fn(draft, target, weights), reps=reps)
         except torch.OutOfMemoryError:
             rows.append(Row(shape.name, impl, note="out of memory"))
             torch.cuda.empty_cache()
-            return
+            continue
         except Exception as exc:  # a missing or failing piece is reported, not fatal
             rows.append(Row(shape.name, impl, note=f"failed: {type(exc).__name__}: {exc}"[:200]))
-            return
-        rows.append(Row(shape.name, impl, ms, nbytes / ms / 1e6))
+            continue
+        rows.append(Row(shape.name, impl, ms, shape.logit_bytes() / ms / 1e6))
+    return rows
 
+
+def bench_shapes(shapes: list[Shape], device, timer: Timer, kernel_names: list[str],
+                 copy_bw: float, launch_ms: float, compiled: Optional[Callable],
+                 deadline: float) -> list[Row]:
+    """Kernels on every shape first, then the eager and the compiled composite (so that a slow
+    compile or a spent budget never costs the kernel numbers); rows grouped by shape."""
+    inputs = {}
+    for shape in shapes:
+        draft, target = make_inputs(shape, device)
+        weights = torch.full((shape.K,), 1.0 / shape.K, dtype=torch.float32, device=device)
+        inputs[shape.name] = (draft, target, weights)
+    kernels = []
     for name in kernel_names:
-        add(name, entry_call(name, draft, target, weights, True))
-        add(f"{name} (eu only)", entry_call(name, draft, target, weights, False))
-    add("eager composite", lambda: composite(draft, target, weights), reps=5)
+        kernels.append((name, lambda d, t, w, name=name: entry_call(name, d, t, w, True), 20))
+        kernels.append((f"{name} (eu only)",
+                        lambda d, t, w, name=name: entry_call(name, d, t, w, False), 20))
+    groups = [kernels, [("eager composite", lambda d, t, w: lambda: composite(d, t, w), 5)]]
     if compiled is not None:
-        add("torch.compile composite", lambda: compiled(draft, target, weights), reps=10)
-    for row in rows:
-        if row.ms is not None:
-            row.extra["pct_copy"] = 100 * row.gbps / copy_bw
-            if shape.N <= 64:
-                row.extra["x_launch_plus_read"] = row.ms / (launch_ms + nbytes / copy_bw / 1e6)
-    _ratios(rows)
-    del draft, target
+        groups.append([("torch.compile composite", lambda d, t, w: lambda: compiled(d, t, w), 10)])
+    by_shape = {shape.name: [] for shape in shapes}
+    for impls in groups:
+        for shape in shapes:
+            new = bench_impls(shape, inputs[shape.name], timer, impls, deadline)
+            by_shape[shape.name] += new
+            print(markdown(new), flush=True)
+    rows = []
+    for shape in shapes:
+        nbytes = shape.logit_bytes()
+        for row in by_shape[shape.name]:
+            if row.ms is not None:
+                row.extra["pct_copy"] = 100 * row.gbps / copy_bw
+                if shape.N <= 64:
+                    row.extra["x_launch_plus_read"] = row.ms / (launch_ms + nbytes / copy_bw / 1e6)
+        _ratios(by_shape[shape.name])
+        rows += by_shape[shape.name]
     return rows
 
 
@@ -321,10 +343,8 @@ def main(argv=None) -> int:
 
     rows: list[Row] = []
     compiled = None if args.no_compile else compiled_composite()
-    for shape in shapes:
-        rows += bench_shape(shape, device, timer, kernel_names, copy_bw, launch_ms, compiled,
-                            deadline)
-        print(markdown(rows[-8:]), flush=True)
+    rows += bench_shapes(shapes, device, timer, kernel_names, copy_bw, launch_ms, compiled,
+                         deadline)
     if kernel_names:
         rows += bench_liger(liger_shape, device, timer, kernel_names, 0.5, deadline)
     fkl = run_forward_kl(device, timeout=max(10.0, min(120.0, deadline - time.perf_counter())))
