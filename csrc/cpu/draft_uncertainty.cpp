@@ -139,11 +139,11 @@ inline void accumulate_lazy(SoftmaxState& st, const T* __restrict src, int64_t l
 // Per-thread scratch, sized once per call.
 struct Scratch {
   std::vector<float> x, y;           // sweep 1: one draft block; sweeps 1/2: the reference block
-  std::vector<float> l, e;           // sweep 2: K × block2 log-weights l_k and e^{l_k − r}
+  std::vector<float> l, e;           // sweep 2: K × block2 log-weights l_k; e^{l_k − r} if K > 8
   std::vector<float> r, S, J, lq;    // sweep 2, K > kMaxFixedK: per entry origin, Σ e_k, Σ jsd, log q̄
   Scratch(int64_t K, int64_t block2)
       : x(kBlock1), y(std::max(kBlock1, block2)), l(K * block2), e(K > kMaxFixedK ? K * block2 : 0),
-        r(block2), S(block2), J(block2), lq(block2) {}
+        r(K > kMaxFixedK ? block2 : 0), S(r.size()), J(r.size()), lq(r.size()) {}
 };
 
 // Sweep-2 sums over one block of entries.
