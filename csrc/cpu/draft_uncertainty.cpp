@@ -305,12 +305,14 @@ struct DraftUncertaintyKernel {
   }
 
   // Sweep 2 over [vb, ve) of row n (the mixture q̄, log q̄ = logsumexp_k l_k), added to `sums`.
+  // Blocks go from the end of the span backwards: sweep 1 read the end last, so a row larger
+  // than L2 is re-read mostly from L2.
   int64_t sweep2(int64_t n, int64_t vb, int64_t ve, const float* lse, float lse_p,
                  MixtureSums& sums, Scratch& sc) const {
     const float inv_t = a.inv_temperature;
     int64_t read = 0;
-    for (int64_t v0 = vb; v0 < ve; v0 += block2) {
-      const int64_t len = std::min(block2, ve - v0);
+    for (int64_t end = ve; end > vb; end -= block2) {
+      const int64_t v0 = std::max(vb, end - block2), len = end - v0;
       if (kHasP) {
         load_scaled(target_row(n) + v0, len, inv_t, sc.y.data());
         read += len;
