@@ -97,9 +97,10 @@ inline void accumulate(SoftmaxState& st, float block_max, const float* __restric
   st.c += c;
 }
 
-// How far above the current origin a block may reach before its sums could overflow:
-// kBlock1 · e^64 · 64 < FLT_MAX.
-constexpr float kMaxAhead = 64.f;
+// How far above the current origin a block may reach before it is redone from its own max. It
+// keeps the sums far from overflow (kBlock1 · e^16 · 16 ≪ FLT_MAX) and bounds the cancellation in
+// the rescale t' = a·(t + (m − m')·s) of the block's own terms to ≈ ε·16 relative.
+constexpr float kMaxAhead = 16.f;
 
 // Adds the block src[0, len) · inv_t to `st` in ONE pass over the logits: the exponentials are
 // taken relative to the current origin (the max of the earlier blocks) while the block max is
