@@ -3,7 +3,7 @@
 For the prefill shape (K=4, N=4096, V=128256, bf16) and decode shapes (N ∈ {1, 8, 64}) it times
 every available GPU backend (``cuda`` when ``epikern._cuda`` imports, ``triton``) through its
 out-variant entry point, with and without the mixture sweep, against the eager PyTorch composite
-and ``torch.compile`` of it (:mod:`_composite`); Liger-Kernel's JSD (K=2, weights β, 1−β) when
+and ``torch.compile`` of it (:mod:`epikern.eval.composite`); Liger-Kernel's JSD (K=2, weights β, 1−β) when
 importable; and ``benchmarks/bench_forward_kl.py --device cuda`` when that script exists.
 
 Times are medians of CUDA-event measurements with L2 flushed before each run. Effective bandwidth
@@ -33,7 +33,7 @@ sys.path.insert(0, HERE)
 import epikern as ek  # noqa: E402
 from epikern import backends  # noqa: E402
 from epikern.backends.reference import STATS  # noqa: E402
-from _composite import compiled_composite, composite  # noqa: E402
+from epikern.eval.composite import compiled_composite, composite  # noqa: E402
 
 
 @dataclass

@@ -24,25 +24,25 @@ def _backends(_args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace) -> int:
+def _bench(argv: list[str]) -> int:
     from .eval import kernel_bench
 
-    return kernel_bench.main(args.bench_args)
+    return kernel_bench.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="epikern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmark the uncertainty kernels on this machine",
-                           add_help=False)
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER,
-                       help="options of the benchmark (see `epikern bench --help`)")
-    bench.set_defaults(func=_bench)
-    sub.add_parser("backends", help="list the backends and why one is unavailable").set_defaults(
-        func=_backends)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    sub.add_parser("bench", add_help=False,
+                   help="benchmark the uncertainty kernels on this machine (`epikern bench --help`)")
+    sub.add_parser("backends", help="list the backends and why one is unavailable")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":  # the benchmark parses its own options
+        return _bench(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return _backends(args)
 
 
 if __name__ == "__main__":
