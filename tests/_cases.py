@@ -96,3 +96,30 @@ def assert_close_stats(result, ref: dict[str, torch.Tensor], atol: float = ATOL,
     """Compare a :class:`epikern.DraftUncertainty` against :func:`reference_stats`."""
     for name, expected in ref.items():
         assert_close(name, getattr(result, name), expected, atol, rtol)
+
+
+def special_rows(V: int = 500, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drafts ``[2, 4, V]`` and target ``[4, V]`` whose rows hit the edge cases of SPEC §1.
+
+    Row 0: p rules out a token the drafts give mass (kl = eu = +inf). Row 1: one-hot drafts on a
+    token p rules out (+inf, and draft entropy exactly 0). Row 2: one NaN logit (NaN in that row
+    only). Row 3: fully masked drafts (no distribution: NaN).
+    """
+    g = torch.Generator().manual_seed(seed)
+    draft = make_logits((2, 4, V), "normal", generator=g)
+    target = make_logits((4, V), "normal", generator=g)
+    target[0, 7] = float("-inf")
+    draft[:, 1, :] = float("-inf")
+    draft[:, 1, 3] = 0.0
+    target[1, 3] = float("-inf")
+    draft[1, 2, 11] = float("nan")
+    draft[:, 3, :] = float("-inf")
+    return draft, target
+
+
+def assert_special_rows(out) -> None:
+    """The verdicts of :func:`special_rows` beyond matching the reference."""
+    inf = float("inf")
+    assert out.eu[0] == inf and out.kl[0] == inf and out.eu[1] == inf
+    assert out.eu[2].isnan() and out.eu[3].isnan()
+    assert out.draft_entropy[1] == 0  # one-hot: 0·log 0 = 0, no NaN

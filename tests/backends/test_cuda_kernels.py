@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 
 import epikern as ek
 from epikern.backends import cuda as cuda_backend
-from tests._cases import KINDS, assert_close, assert_close_stats, make_logits, reference_stats
+from tests._cases import (KINDS, assert_close, assert_close_stats, assert_special_rows, make_logits,
+                          reference_stats, special_rows)
 from tests.ops.test_draft_uncertainty import _problem
 
 HAS_CUDA = torch.cuda.is_available()
@@ -156,20 +157,10 @@ def test_decompose_false_and_identical_drafts(path):
 
 
 def test_infinite_and_nan_rows(path):
-    V = 512
-    g = _gen(11)
-    draft = make_logits((2, 4, V), "normal", generator=g)
-    target = make_logits((4, V), "normal", generator=g)
-    target[0, 7] = float("-inf")
-    draft[:, 1, :] = float("-inf")
-    draft[:, 1, 3] = 0.0
-    target[1, 3] = float("-inf")
-    draft[1, 2, 11] = float("nan")
-    draft[:, 3, :] = float("-inf")
+    draft, target = special_rows(V=512)
     out = _run(draft, target)
     assert_close_stats(out, reference_stats(draft, target))
-    assert out.eu[0] == float("inf") and out.eu[1] == float("inf")
-    assert out.eu[2].isnan() and out.eu[3].isnan() and out.draft_entropy[1] == 0
+    assert_special_rows(out)
 
 
 def test_more_than_65535_ctas(path):

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from epikern.ops.draft_uncertainty import DraftUncertainty
-from tests._cases import KINDS, assert_close, assert_close_stats, make_logits, reference_stats
+from tests._cases import (KINDS, assert_close, assert_close_stats, assert_special_rows, make_logits,
+                          reference_stats, special_rows)
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCE = Path(__file__).with_name("cuda_row_math_host.cpp")
@@ -113,17 +114,7 @@ def test_no_target_and_no_decompose(emulate):
 
 
 def test_infinite_and_nan_rows(emulate):
-    V = 500
-    g = _gen(11)
-    draft = make_logits((2, 4, V), "normal", generator=g)
-    target = make_logits((4, V), "normal", generator=g)
-    target[0, 7] = float("-inf")
-    draft[:, 1, :] = float("-inf")
-    draft[:, 1, 3] = 0.0
-    target[1, 3] = float("-inf")
-    draft[1, 2, 11] = float("nan")
-    draft[:, 3, :] = float("-inf")
+    draft, target = special_rows(V=500)
     out = emulate(draft, target)
     assert_close_stats(out, reference_stats(draft, target))
-    assert out.eu[0] == float("inf") and out.eu[1] == float("inf")
-    assert out.eu[2].isnan() and out.eu[3].isnan() and out.draft_entropy[1] == 0
+    assert_special_rows(out)

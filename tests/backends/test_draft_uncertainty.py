@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import epikern as ek
-from tests._cases import KINDS, assert_close, assert_close_stats, make_logits, reference_stats
+from tests._cases import (KINDS, assert_close, assert_close_stats, assert_special_rows, make_logits,
+                          reference_stats, special_rows)
 
 HAS_CUDA = torch.cuda.is_available()
 BACKENDS = [
@@ -138,22 +139,10 @@ def test_eu_is_jsd_plus_kl(backend):
 
 
 def test_infinite_and_nan_rows(backend):
-    V = 500
-    g = _gen(11)
-    draft = make_logits((2, 4, V), "normal", generator=g)
-    target = make_logits((4, V), "normal", generator=g)
-    target[0, 7] = float("-inf")  # drafts give token 7 mass, p does not: kl = eu = +inf in row 0
-    draft[:, 1, :] = float("-inf")
-    draft[:, 1, 3] = 0.0  # one-hot drafts on token 3
-    target[1, 3] = float("-inf")  # ... which p rules out: +inf again
-    draft[1, 2, 11] = float("nan")  # NaN confined to row 2
-    draft[:, 3, :] = float("-inf")  # fully masked row: no distribution, NaN
+    draft, target = special_rows()
     out = _run(backend, draft, target)
-    ref = reference_stats(draft, target)
-    assert_close_stats(out, ref)
-    assert out.eu[0] == float("inf") and out.kl[0] == float("inf") and out.eu[1] == float("inf")
-    assert out.eu[2].isnan() and out.eu[3].isnan()
-    assert out.draft_entropy[1] == 0  # one-hot: 0·log 0 = 0, no NaN
+    assert_close_stats(out, reference_stats(draft, target))
+    assert_special_rows(out)
 
 
 def test_empty_batch(backend):
