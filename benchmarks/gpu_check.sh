@@ -39,8 +39,12 @@ fi
 python -c "import epikern._cuda" 2>/dev/null && status+=("epikern._cuda: imports") \
   || status+=("epikern._cuda: not importable (cuda backend skipped)")
 
-echo "== tests (python -m pytest -q -x, ${TEST_S}s)"
-timeout "$TEST_S" python -m pytest -q -x -p no:cacheprovider 2>&1 | tail -40
+# The ahead-of-time compile test needs no GPU (CI runs it); here it would spend the time box on
+# cold compiles, and with the machine's older Triton/ptxas a spill it reports there must not stop
+# the GPU tests behind it: it is left out, and a failure does not end the run (--maxfail, not -x).
+echo "== tests (python -m pytest -q --maxfail=10, ${TEST_S}s)"
+timeout "$TEST_S" python -m pytest -q --maxfail=10 -p no:cacheprovider \
+    --ignore=tests/backends/test_triton_aot.py 2>&1 | tail -40
 rc=${PIPESTATUS[0]}
 case $rc in
   0) status+=("tests: passed") ;;
