@@ -249,9 +249,9 @@ def run_forward_kl(device: torch.device, timeout: float) -> list[str]:
     script = os.path.join(HERE, "bench_forward_kl.py")
     if not os.path.exists(script):
         return ["forward_kl: benchmarks/bench_forward_kl.py does not exist (skipped)"]
-    # its own --budget (60 s by default on cuda) must end before our timeout, which kills it; and
-    # the rows it printed before a kill are kept
-    budget = max(5.0, timeout - 30.0)
+    # its own --budget (at most its 60 s cuda default) must end before our timeout, which kills
+    # it; and the rows it printed before a kill are kept
+    budget = max(5.0, min(60.0, timeout - 30.0))
     try:
         proc = subprocess.run([sys.executable, script, "--device", device.type,
                                "--budget", f"{budget:.0f}"],
