@@ -1,8 +1,10 @@
 """Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90 (SPEC §8).
 
-Needs no GPU: ``triton.compile`` with ``GPUTarget("cuda", 80|90, 32)`` produces PTX, which Triton's
-own newest ``ptxas`` (``ptxas-blackwell`` where it ships; the system ptxas is too old for Triton's
-PTX) assembles with ``-v`` and Triton's own flags to report registers and spills. Every tile configuration the dispatcher can pick
+Needs no GPU: ``triton.compile`` with ``GPUTarget("cuda", 80|90, 32)`` produces PTX, which the
+``ptxas`` Triton itself picks for that arch (``triton.backends.nvidia.compiler.get_ptxas``: triton
+3.6 uses its CUDA 12.8 ``ptxas`` below sm_100, triton 3.9 ``ptxas-blackwell`` from sm_90 on; the
+system ptxas is too old for Triton's PTX) assembles with ``-v`` and Triton's own flags to report
+registers and spills. Every tile configuration the dispatcher can pick
 (:func:`epikern.backends.triton.config.all_tile_configs`) is compiled with fp32, fp16 and bf16
 logits (drafts and target of the same dtype) and the specialisation flags that do the most work
 (target present; mixture sweep on), with the pointer/stride divisibility the runtime specialises
@@ -141,8 +143,16 @@ def _signature(fn, spec: Spec):
     return signature, constexprs, attrs
 
 
-def _ptxas() -> str:
-    """Triton's own newest ptxas (``ptxas-blackwell``, else its bundled ``ptxas``)."""
+def _ptxas(arch: int = 90) -> str:
+    """The ptxas Triton's own ``make_cubin`` uses for ``sm_<arch>`` (the versions differ: a spill
+    reported by another ptxas says nothing about the kernels Triton builds), else its newest."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        path = get_ptxas(arch).path
+        if path and os.path.exists(path):
+            return path
+    except Exception:  # a Triton without get_ptxas(arch) or without its bundled tools
+        pass
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for name in ("ptxas-blackwell", "ptxas"):
         path = os.path.join(bin_dir, name)
@@ -174,7 +184,7 @@ def compile_report(spec: Spec, arch: int) -> Report:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(compiled.asm["ptx"])
-        ptxas = _ptxas()
+        ptxas = _ptxas(arch)
         log = subprocess.run([ptxas, *_ptxas_flags(ptxas), f"-arch={PTXAS_ARCH[arch]}", "-v",
                               ptx_path, "-o", os.devnull],
                              capture_output=True, text=True, check=True).stderr

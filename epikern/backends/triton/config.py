@@ -30,7 +30,9 @@ import torch
 MAX_K = 32
 #: Bytes of the ``[K_PAD, BLOCK_V]`` draft tile held by one program (4096 fp16/bf16 elements).
 TILE_BYTES = 8192
-#: num_warps of the vocabulary-sweeping kernels (row kernel, split phases).
+#: num_warps of the vocabulary-sweeping kernels (row kernel, split phases) for tiles of at least
+#: 4096 elements (fp16/bf16); fp32 tiles (2048 elements) use half as many, 16 elements a thread
+#: either way (with 8 warps, ptxas 12.9 spilled split_mixture K_PAD=4 fp32 on sm_80).
 SWEEP_WARPS = 8
 #: num_warps of the split path's per-row finalize kernel (no vocabulary sweep).
 FINALIZE_WARPS = 4
@@ -73,6 +75,11 @@ def next_pow2(x: int) -> int:
 
 def block_v_for(k_pad: int, itemsize: int) -> int:
     return max(TILE_BYTES // itemsize // k_pad, 16)
+
+
+def warps_for(k_pad: int, block_v: int) -> int:
+    """num_warps of a sweeping kernel over a ``[k_pad, block_v]`` tile (16 elements a thread)."""
+    return max(1, min(SWEEP_WARPS, k_pad * block_v // (16 * 32)))
 
 
 def chunk_block_for(k_pad: int) -> int:
@@ -119,7 +126,7 @@ def choose(K: int, N: int, V: int, dtype: torch.dtype) -> Config:
     if path == "row":
         chunks = 1
     chunks = _cdiv(blocks, _cdiv(blocks, chunks))  # no empty chunk
-    return Config(path, k_pad, block_v, SWEEP_WARPS, chunks, chunk_block_for(k_pad))
+    return Config(path, k_pad, block_v, warps_for(k_pad, block_v), chunks, chunk_block_for(k_pad))
 
 
 def all_tile_configs(itemsize: int) -> list[Config]:
@@ -129,7 +136,8 @@ def all_tile_configs(itemsize: int) -> list[Config]:
     k_pad = 1
     while k_pad <= MAX_K:
         for path in PATHS:
-            out.append(Config(path, k_pad, block_v_for(k_pad, itemsize), SWEEP_WARPS,
+            block_v = block_v_for(k_pad, itemsize)
+            out.append(Config(path, k_pad, block_v, warps_for(k_pad, block_v),
                               1 if path == "row" else 2, chunk_block_for(k_pad)))
         k_pad *= 2
     return out
