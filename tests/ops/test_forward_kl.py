@@ -643,7 +643,7 @@ _AOT_SCRIPT = textwrap.dedent("""
     import triton
     from triton.backends.compiler import GPUTarget
     from epikern.backends.triton import forward_kl
-    from tests.backends.test_triton_aot import _REGS, _SPILL, PTXAS_ARCH
+    from tests.backends.test_triton_aot import _REGS, _SPILL, PTXAS_ARCH, _ptxas, _ptxas_flags
     fwd, bwd = forward_kl._kernels()
     block = forward_kl._MAX_BLOCK
     warps = forward_kl._warps(block)
@@ -668,9 +668,10 @@ _AOT_SCRIPT = textwrap.dedent("""
                     ptx = os.path.join(tmp, "k.ptx")
                     with open(ptx, "w") as f:
                         f.write(k.asm["ptx"])
-                    log = subprocess.run([sys.argv[1], "-arch=" + PTXAS_ARCH[arch], "-v", ptx,
-                                          "-o", os.devnull], capture_output=True, text=True,
-                                         check=True).stderr
+                    ptxas = _ptxas(arch)  # the ptxas (and flags) Triton itself uses
+                    log = subprocess.run([ptxas, *_ptxas_flags(ptxas), "-arch=" + PTXAS_ARCH[arch],
+                                          "-v", ptx, "-o", os.devnull], capture_output=True,
+                                         text=True, check=True).stderr
                 spills = [int(x[1]) + int(x[2]) for x in _SPILL.findall(log)]
                 out.append([name, dt, arch, max(map(int, _REGS.findall(log))), max(spills)])
     print(json.dumps(out))
@@ -681,11 +682,10 @@ _AOT_SCRIPT = textwrap.dedent("""
 def test_triton_kernels_compile_for_sm80_sm90_without_spills():
     """Both kernels at the production tile (BLOCK=4096, 8 warps), fp32/fp16/bf16 logits, compiled
     ahead of time for sm_80 and sm_90a in a child process (no ``TRITON_INTERPRET`` there)."""
-    aot = pytest.importorskip("tests.backends.test_triton_aot")
-    ptxas = aot._ptxas()
+    pytest.importorskip("tests.backends.test_triton_aot")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT, ptxas], capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True,
                           text=True, env=env, timeout=600, cwd=root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(proc.stdout.strip().splitlines()[-1])
