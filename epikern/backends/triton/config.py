@@ -73,8 +73,16 @@ def next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
+#: Tile elements at K_PAD ≥ 32, where the K_PAD running states take registers of their own
+#: (the 4096-element fp16 tile spilled 12 bytes under triton 3.6's ptxas 12.8).
+LARGE_K_TILE_ELEMENTS = 2048
+
+
 def block_v_for(k_pad: int, itemsize: int) -> int:
-    return max(TILE_BYTES // itemsize // k_pad, 16)
+    elements = TILE_BYTES // itemsize
+    if k_pad >= 32:
+        elements = min(elements, LARGE_K_TILE_ELEMENTS)
+    return max(elements // k_pad, 16)
 
 
 def warps_for(k_pad: int, block_v: int) -> int:
