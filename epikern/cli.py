@@ -12,12 +12,18 @@ import sys
 
 
 def _backends(_args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
     from . import backends
 
     for name in backends.BACKENDS:
         try:
             backends.get(name)
             status = "available"
+            if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+                status += " for CUDA tensors (none here; CPU tensors need TRITON_INTERPRET=1)"
         except backends.BackendUnavailableError as exc:
             status = f"unavailable: {exc}"
         print(f"{name:7s} {status}")
