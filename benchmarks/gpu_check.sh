@@ -20,30 +20,35 @@ if [ -d "$ROOT/.gpu_deps" ]; then
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
+# the GPU image's interpreter is python3 (there may be no `python`); PYTHON overrides
+PY=${PYTHON:-python3}
+# pytest-xdist, where present, spreads the suite over the machine's cores (one GPU, shared)
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n ${TEST_WORKERS:-8}")
 status=()
 
 echo "== machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
-python -c "import triton; print('triton', triton.__version__)" || echo "triton not importable"
+"$PY" -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+"$PY" -c "import triton; print('triton', triton.__version__)" || echo "triton not importable"
 command -v nvcc >/dev/null && nvcc --version | tail -1 || echo "nvcc not found: epikern._cuda will not be built"
 
 echo "== build (pip install -e . --no-build-isolation --no-deps, ${BUILD_S}s)"
-if timeout "$BUILD_S" python -m pip install -e . --no-build-isolation --no-deps -q \
+if timeout "$BUILD_S" "$PY" -m pip install -e . --no-build-isolation --no-deps -q \
     > "$OUT_DIR/gpu_check_build.log" 2>&1; then
   status+=("build: ok")
 else
   status+=("build: FAILED (rc $?, see gpu_check_build.log tail above); continuing with triton")
   tail -30 "$OUT_DIR/gpu_check_build.log"
 fi
-python -c "import epikern._cuda" 2>/dev/null && status+=("epikern._cuda: imports") \
+"$PY" -c "import epikern._cuda" 2>/dev/null && status+=("epikern._cuda: imports") \
   || status+=("epikern._cuda: not importable (cuda backend skipped)")
 
 # The ahead-of-time compile test needs no GPU (CI runs it); here it would spend the time box on
 # cold compiles, and with the machine's older Triton/ptxas a spill it reports there must not stop
 # the GPU tests behind it: it is left out, and a failure does not end the run (--maxfail, not -x).
-echo "== tests (python -m pytest -q --maxfail=10, ${TEST_S}s)"
-timeout "$TEST_S" python -m pytest -q --maxfail=10 -p no:cacheprovider \
+echo "== tests (pytest -q --maxfail=10 ${XDIST}, ${TEST_S}s)"
+# shellcheck disable=SC2086
+timeout "$TEST_S" "$PY" -m pytest -q --maxfail=10 -p no:cacheprovider $XDIST \
     --ignore=tests/backends/test_triton_aot.py 2>&1 | tail -40
 rc=${PIPESTATUS[0]}
 case $rc in
@@ -53,7 +58,7 @@ case $rc in
 esac
 
 echo "== benchmarks (${BENCH_S}s)"
-timeout $((BENCH_S + 40)) python benchmarks/bench_gpu.py --device cuda --budget "$BENCH_S" \
+timeout $((BENCH_S + 40)) "$PY" benchmarks/bench_gpu.py --device cuda --budget "$BENCH_S" \
   --json "$OUT_DIR/bench_gpu.json" > "$OUT_DIR/bench_gpu.log" 2>&1
 rc=$?
 sed '/^## draft_uncertainty on/,$d' "$OUT_DIR/bench_gpu.log" | tail -60
