@@ -159,6 +159,31 @@ class DraftEnsemble(nn.Module):
                     p.add_(noise * (jitter * p.float().pow(2).mean().sqrt()).to(p.dtype))
         return ens
 
+    def select(self, drafts: Sequence[int]) -> "DraftEnsemble":
+        """A new ensemble of the drafts ``drafts`` (indices into ``0..K-1``, in that order).
+
+        The trunk is shared with ``self`` (the same tensors, not copies); the branch weights are
+        gathered along K (copies). ``select([k])`` is draft k alone, a K = 1 ensemble.
+        """
+        index = list(drafts)
+        if not index or any(not 0 <= k < self.num_drafts for k in index):
+            raise ValueError(f"drafts must be a non-empty list of indices in [0, {self.num_drafts}), got {index}")
+        sub = DraftEnsemble(self.config, len(index), self.shared_layers, self.biases,
+                            dtype=self.lm_head_weight.dtype, device="meta")
+        sub.rotary_emb = self.rotary_emb
+        sub.embed_tokens = self.embed_tokens
+        picked = torch.tensor(index, device=self.lm_head_weight.device)
+        for l, layer in enumerate(self.layers):
+            if l < self.shared_layers:
+                sub.layers[l] = layer
+                continue
+            for name, param in layer.named_parameters():
+                setattr(sub.layers[l], name, nn.Parameter(param.detach().index_select(0, picked),
+                                                          requires_grad=param.requires_grad))
+        sub.norm_weight = nn.Parameter(self.norm_weight.detach().index_select(0, picked))
+        sub.lm_head_weight = nn.Parameter(self.lm_head_weight.detach().index_select(0, picked))
+        return sub.train(self.training)
+
     def save_pretrained(self, directory: str) -> None:
         """Write ``model.safetensors`` (the trunk once, branches stacked over K) and
         ``draft_ensemble.json`` (format, K, S, biases and the HF config dict of the architecture)."""

@@ -214,3 +214,19 @@ def test_top_level_exports():
     from epikern.models import DraftEstimator
 
     assert ek.DraftEnsemble is DraftEnsemble and ek.DraftEstimator is DraftEstimator
+
+
+def test_select_keeps_the_chosen_drafts_and_shares_the_trunk():
+    base = tiny_model("llama")
+    ens = DraftEnsemble.from_models(drafts_sharing_trunk(base, 3, 2), shared_layers=2)
+    ids, mask = _inputs(ens.vocab_size, 2, 7, left_pad=(0, 2))
+    full = ens(ids, mask)
+    sub = ens.select([2, 0])
+    assert sub.num_drafts == 2 and sub.embed_tokens.weight is ens.embed_tokens.weight
+    torch.testing.assert_close(sub(ids, mask), full[[2, 0]], atol=0, rtol=0)
+    cache = sub.new_cache(2)
+    assert len(cache.layers) == ens.num_layers and sub.cache_nbytes(cache) == 0
+    with pytest.raises(ValueError, match=r"indices in \[0, 3\)"):
+        ens.select([3])
+    with pytest.raises(ValueError, match="non-empty"):
+        ens.select([])
