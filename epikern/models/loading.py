@@ -118,14 +118,14 @@ def load_causal_lm(spec: Union[str, os.PathLike], *, dtype: torch.dtype = torch.
     directory = resolve(spec)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:  # a corrupt or truncated checkpoint
+    except Exception as exc:  # a corrupt or truncated checkpoint (safetensors, OSError, ValueError, ...)
         raise CheckpointError(f"cannot load the model at {directory}: {type(exc).__name__}: {exc}") from exc
     model = model.to(device or "cpu").eval()
     tok = None
     if tokenizer:
         try:
             tok = AutoTokenizer.from_pretrained(directory)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:
             raise CheckpointError(f"cannot load the tokenizer at {directory}: {exc}") from exc
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
