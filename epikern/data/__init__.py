@@ -9,7 +9,8 @@
     is_correct("... #### 18", test[0].final)         # grade the number after the last ####
 """
 
-from .gsm8k import GSM8K_SPLITS, Problem, extract_answer, is_correct, load_gsm8k, normalize_number
+from .gsm8k import (GSM8K_SPLITS, Problem, extract_answer, is_correct, load_gsm8k, normalize_number,
+                    packaged_gsm8k)
 from .prompts import PLAIN_PROMPT, encode_prompts, format_prompt, format_response, uses_chat_template
 from .synthetic import OPERATIONS, SyntheticConfig, generate_problems, generate_splits
 from .tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, char_tokenizer
@@ -32,5 +33,6 @@ __all__ = [
     "is_correct",
     "load_gsm8k",
     "normalize_number",
+    "packaged_gsm8k",
     "uses_chat_template",
 ]

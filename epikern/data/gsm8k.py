@@ -35,6 +35,7 @@ __all__ = [
     "is_correct",
     "load_gsm8k",
     "normalize_number",
+    "packaged_gsm8k",
 ]
 
 GSM8K_SPLITS = ("train", "test")

@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from epikern.data import Problem, extract_answer, is_correct, load_gsm8k, normalize_number
-from epikern.data.gsm8k import packaged_gsm8k
+from epikern.data import Problem, extract_answer, is_correct, load_gsm8k, normalize_number, packaged_gsm8k
 
 
 @pytest.fixture(scope="module")
