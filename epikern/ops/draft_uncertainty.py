@@ -16,6 +16,7 @@ draft's normaliser first. All backends write a packed ``stats [6, N]`` tensor (o
 from __future__ import annotations
 
 import math
+import sys
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -83,6 +84,61 @@ def _(draft_logits, target_logits, weights, temperature, decompose, backend):
     )
 
 
+# FLOPs of the op for torch.utils.flop_counter.FlopCounterMode, which cannot see into a custom op
+# and by its convention counts only matmuls (a multiply-add = 2 FLOPs). This op has no matmul; its
+# count is the scalar arithmetic of the algorithm in the module docstring per vocabulary entry
+# (each add, multiply, compare, exp or log = 1 FLOP, a multiply-add = 2); per-row work that does
+# not scale with V is not counted. Registered lazily, as in forward_kl.py (importing
+# torch.utils.flop_counter here would import triton with `import epikern`); a FlopCounterMode
+# copies the registry when it is constructed, so register first (epikern.eval.cost.count_flops does).
+_flop_formulas_registered = False
+
+#: FLOPs per draft entry in the first sweep: z/T, running-max compare, z − m, exp, s += e,
+#: a += e·z (multiply-add, 2).
+SWEEP1_PER_DRAFT_ENTRY = 7
+#: ... plus b += e·z_p (2) per draft entry when a reference is given.
+SWEEP1_PER_DRAFT_ENTRY_WITH_TARGET = 2
+#: FLOPs per reference entry in the first sweep: the same 7 as a draft's own statistics.
+SWEEP1_PER_TARGET_ENTRY = 7
+#: FLOPs per draft entry in the second sweep (decompose=True): log q_k = z/T − lse_k (2), the running
+#: logsumexp over k of log w_k + log q_k (add, compare, subtract, exp, add: 5), and the jsd term
+#: w_k·q_k·(log q_k − log q̄) (exp, subtract, multiply, multiply-add: 5).
+SWEEP2_PER_DRAFT_ENTRY = 12
+#: FLOPs per vocabulary entry in the second sweep, once per row: log q̄ = m + log s (2) and the
+#: H(q̄) term (multiply-add, 2).
+SWEEP2_PER_ENTRY = 4
+#: ... plus the kl term q̄·(log q̄ − log p) when a reference is given: exp, z_p/T − lse_p (2),
+#: subtract, multiply-add (2).
+SWEEP2_PER_TARGET_ENTRY = 6
+
+
+def draft_uncertainty_flops(K: int, N: int, V: int, has_target: bool, decompose: bool) -> int:
+    """FLOPs of ``epikern::draft_uncertainty`` on ``[K, N, V]`` drafts (and an ``[N, V]`` reference).
+
+    ``N·V·(K·(7 + 2·t) + 7·t) + decompose·N·V·(12·K + 4 + 6·t)`` with ``t = has_target``: the
+    scalar operations per vocabulary entry listed in the ``SWEEP*`` constants of this module (an
+    exp or log counts 1, a multiply-add 2). ``ensemble_uncertainty`` is ``t = 0, decompose = 1``.
+    """
+    t = int(bool(has_target))
+    sweep1 = K * (SWEEP1_PER_DRAFT_ENTRY + t * SWEEP1_PER_DRAFT_ENTRY_WITH_TARGET) + t * SWEEP1_PER_TARGET_ENTRY
+    sweep2 = K * SWEEP2_PER_DRAFT_ENTRY + SWEEP2_PER_ENTRY + t * SWEEP2_PER_TARGET_ENTRY
+    return N * V * (sweep1 + (sweep2 if decompose else 0))
+
+
+def _register_flop_formulas() -> None:
+    global _flop_formulas_registered
+    if _flop_formulas_registered or "torch.utils.flop_counter" not in sys.modules:
+        return
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.epikern.draft_uncertainty)
+    def _(draft_logits, target_logits, weights, temperature, decompose, backend, out_shape=None) -> int:
+        K, N, V = draft_logits
+        return draft_uncertainty_flops(K, N, V, target_logits is not None, decompose)
+
+    _flop_formulas_registered = True
+
+
 def draft_uncertainty(
     draft_logits: Tensor,
     target_logits: Optional[Tensor] = None,
@@ -113,6 +169,8 @@ def draft_uncertainty(
         probability 0 that a draft does not, ``kl``/``eu`` are ``+inf``; a row whose logits are all
         ``−inf`` or contain NaN yields NaN in that row only.
     """
+    if not torch.compiler.is_compiling():
+        _register_flop_formulas()
     _checks.check_logits("draft_logits", draft_logits, min_dim=2)
     K, *batch, V = draft_logits.shape
     if K == 0:
