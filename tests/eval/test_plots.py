@@ -1,0 +1,54 @@
+"""epikern.eval.plots: each plot writes a non-empty PNG of a sensible size and checks its input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from matplotlib import image as mpimg
+
+from epikern.eval import metrics, plots
+
+
+def _png(path) -> np.ndarray:
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    img = mpimg.imread(path)
+    assert img.shape[0] > 200 and img.shape[1] > 300
+    assert img[..., :3].std() > 0.05  # not a blank canvas
+    return img
+
+
+def test_eu_traces_one_and_several_responses(tmp_path):
+    rng = np.random.default_rng(0)
+    tokens = list("3+5=8\n#### 8")
+    series = {"drafts": rng.random(len(tokens)), "TokUR": rng.random(len(tokens)),
+              "ground truth": np.r_[rng.random(len(tokens) - 1), np.nan]}
+    path = plots.eu_traces(tmp_path / "one.png", tokens, series, title="EU")
+    assert path == str(tmp_path / "one.png")
+    _png(path)
+    many = [tokens, [f"t{i}" for i in range(120)]]  # the second one gets index ticks
+    series = {k: [rng.random(len(t)) for t in many] for k in ("drafts", "TokUR")}
+    _png(plots.eu_traces(tmp_path / "sub" / "many.png", many, series))
+    with pytest.raises(ValueError, match="response 0 has shape"):
+        plots.eu_traces(tmp_path / "bad.png", tokens, {"x": np.zeros(3)})
+    with pytest.raises(ValueError, match="empty"):
+        plots.eu_traces(tmp_path / "bad.png", tokens, {})
+
+
+def test_roc_curves(tmp_path):
+    rng = np.random.default_rng(1)
+    wrong = rng.random(80) < 0.4
+    curves = {name: metrics.roc_points(wrong + rng.normal(0, s, 80), wrong)
+              for name, s in (("drafts_ddd", 0.7), ("tokur", 0.8), ("entropy", 2.0))}
+    _png(plots.roc_curves(tmp_path / "roc.png", curves))
+    with pytest.raises(ValueError, match="must be equal 1-D"):
+        plots.roc_curves(tmp_path / "bad.png", {"x": ([0, 1], [0, 0.5, 1], 0.5)})
+
+
+def test_cost_quality_lists_points_it_cannot_place(tmp_path):
+    points = {"drafts_ddd": (2e6, 0.74), "drafts_idd": (2e6, 0.66), "tokur": (3e7, 0.75),
+              "entropy": (3e6, 0.70), "maxprob": (3e6, 0.69), "ground_truth": (1e8, None),
+              "broken": (float("nan"), 0.6)}
+    _png(plots.cost_quality(tmp_path / "cq.png", points))
+    with pytest.raises(ValueError, match="empty"):
+        plots.cost_quality(tmp_path / "bad.png", {})
