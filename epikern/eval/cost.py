@@ -22,7 +22,8 @@ Relations to what ``FlopCounterMode`` measures (tested in ``tests/eval/test_cost
 * a decode step (one new token, ``c − 1`` cached) counts exactly ``F(c)``;
 * a prefill of ``T`` tokens counts exactly ``T · F(T)``: attention kernels compute (and the counter
   counts) the full ``T × T`` score matrix, masked or not. The causal work actually needed is
-  ``Σ_{c=1..T} F(c) = T · F((T + 1) / 2)``; ``context_len`` may be fractional for such means, e.g.
+  ``Σ_{c=1..T} F(c) = T · F((T + 1) / 2)`` (F is affine in c without a sliding window);
+  ``context_len`` may be fractional for such means, e.g.
   :func:`mean_decode_context` for the tokens generated after a prompt.
 
 ``count_flops`` registers formulas before it starts counting for what the stock counter cannot

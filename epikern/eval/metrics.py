@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["valid_tokens", "rmse", "pearson", "spearman", "token_metrics", "aggregate",
+__all__ = ["valid_tokens", "rmse", "pearson", "spearman", "token_metrics", "DEFAULT_FEATURES", "aggregate",
            "CVAUROC", "auroc_lr", "auroc_tokur", "prr", "rejection_curve", "roc_points"]
 
 Responses = Union[np.ndarray, Sequence[np.ndarray]]
@@ -45,7 +45,8 @@ def _responses(name: str, x: Responses) -> list[np.ndarray]:
     for i, r in enumerate(x):
         r = np.asarray(r, dtype=np.float64)
         if r.ndim != 1:
-            raise ValueError(f"{name}[{i}] must be 1-D, got shape {r.shape}")
+            raise ValueError(f"{name}[{i}] must be 1-D, got shape {r.shape} (pass one response as a "
+                             "1-D NumPy array, several as a list of 1-D arrays)")
         out.append(r)
     return out
 

@@ -131,13 +131,26 @@ def _nonfinite_reason(x: float) -> str:
     return "value was NaN (undefined for these inputs; no reason recorded)" if math.isnan(x) else f"value was {x}"
 
 
+def _count_nonfinite(seq) -> int:
+    """NaN/±inf floats inside a (nested) list, tuple or array; dicts inside carry their own reasons."""
+    if isinstance(seq, np.ndarray):
+        return int((~np.isfinite(seq)).sum()) if seq.dtype.kind == "f" else 0
+    n = 0
+    for v in seq:
+        if isinstance(v, (float, np.floating)):
+            n += not math.isfinite(v)
+        elif isinstance(v, (list, tuple, np.ndarray)):
+            n += _count_nonfinite(v)
+    return n
+
+
 def to_json_compatible(obj: Any, _path: str = "report") -> Any:
     """A copy of ``obj`` that ``json.dumps(..., allow_nan=False)`` accepts.
 
     dicts (string keys), lists, tuples, str, bool, int, float, None, NumPy scalars and arrays and
     paths are converted; NaN/±inf become ``None`` and, inside a dict, add ``"<key>_reason"`` unless
-    it exists (arrays with such entries add ``"<key>_reason"`` with their count). Anything else
-    raises ``TypeError`` naming where it is.
+    it exists (lists and arrays with such entries add ``"<key>_reason"`` with their count). Anything
+    else raises ``TypeError`` naming where it is.
     """
     if isinstance(obj, Mapping):
         out = {}
@@ -148,8 +161,8 @@ def to_json_compatible(obj: Any, _path: str = "report") -> Any:
             reason = None
             if isinstance(v, (float, np.floating)) and not math.isfinite(v):
                 reason = _nonfinite_reason(float(v))
-            elif isinstance(v, np.ndarray) and v.dtype.kind == "f" and not np.isfinite(v).all():
-                reason = f"{int((~np.isfinite(v)).sum())} non-finite entries written as null"
+            elif isinstance(v, (list, tuple, np.ndarray)) and (n := _count_nonfinite(v)):
+                reason = f"{n} non-finite entries written as null"
             if reason is not None and f"{k}_reason" not in obj:
                 out[f"{k}_reason"] = reason
         return out
@@ -293,7 +306,7 @@ def _fmt(v, kind: str) -> str:
 
 def _method_rows(r: Mapping) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, rows (methods in report order) and the footnotes that explain nulls."""
-    methods = r["methods"]
+    methods = r.get("methods", {})
     ref = methods.get("tokur", {}).get("flops_per_token")
     header = ["method"] + [h for _, h, _ in COLUMNS] + [RATIO_HEADER]
     rows, notes = [], []
@@ -373,8 +386,11 @@ def format_markdown(report: Mapping, base_dir=None) -> str:
     conventions = r.get("conventions", {})
     if conventions:
         out += ["Conventions:", ""] + [f"- **{k}**: {v}" for k, v in conventions.items()] + [""]
-    out += ["## Ground truth (reference ensemble)", "", _md_table(["", "value"], _kv_rows(r["ground_truth"])), ""]
-    out += ["## Speculative decoding", "", _speculative_table(r["speculative"]), ""]
+    if r.get("ground_truth"):
+        out += ["## Ground truth (reference ensemble)", "",
+                _md_table(["", "value"], _kv_rows(r["ground_truth"])), ""]
+    if r.get("speculative"):
+        out += ["## Speculative decoding", "", _speculative_table(r["speculative"]), ""]
     plots = r.get("plots", {})
     if plots:
         out += ["## Plots", ""]

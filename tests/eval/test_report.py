@@ -105,8 +105,10 @@ def test_invalid_report_is_saved_before_raising(tmp_path):
 
 
 def test_to_json_compatible_types():
-    out = R.to_json_compatible({"a": np.bool_(True), "b": (1, np.int32(2)), "c": -math.inf, "d": None})
-    assert out == {"a": True, "b": [1, 2], "c": None, "c_reason": "value was -inf", "d": None}
+    out = R.to_json_compatible({"a": np.bool_(True), "b": (1, np.int32(2)), "c": -math.inf, "d": None,
+                                "e": [[1.0, math.nan], [np.float32("inf")]]})
+    assert out == {"a": True, "b": [1, 2], "c": None, "c_reason": "value was -inf", "d": None,
+                   "e": [[1.0, None], [None]], "e_reason": "2 non-finite entries written as null"}
     with pytest.raises(TypeError, match=r"report\['x'\] is a set"):
         R.to_json_compatible({"x": {1, 2}})
     with pytest.raises(TypeError, match="non-string key"):
