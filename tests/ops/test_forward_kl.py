@@ -526,8 +526,14 @@ def test_compile_dynamic_shapes():
 
 
 def test_flop_counter_sees_the_fused_linear_gemms():
-    """FlopCounterMode cannot look inside a custom op: the registered formulas count its GEMMs."""
+    """FlopCounterMode cannot look inside a custom op: the registered formulas count its GEMMs.
+
+    A counter copies the formula registry when it is built, so the formulas are registered first
+    (``epikern.eval.cost.count_flops`` does this itself)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from epikern.eval.cost import register_flop_formulas
+    register_flop_formulas()
     h = torch.randn(64, 32, requires_grad=True)
     w = torch.randn(100, 32, requires_grad=True)
     t = torch.randn(64, 100)
