@@ -118,7 +118,9 @@ def extract_answer(text: str, *, fallback_last_number: bool = False) -> Optional
     ``"... so 9*2=<<9*2=18>>18\\n#### $18 dollars"`` -> ``"18"``. The number must come first after
     ``####`` (``"#### The answer is 18"`` -> None). Without ``####`` the result is None (no answer)
     unless ``fallback_last_number=True``, which takes the last number anywhere in the text instead
-    (off by default: GSM8K answers and SmolLM2's replies end with ``#### N``).
+    (off by default: GSM8K answers and the tiny models trained on the synthetic task end with
+    ``#### N``). SmolLM2-135M-Instruct, prompted with the bare question, mostly ends in prose
+    ("So, the final answer is 12 bolts.") without ``####``: grade its replies with the fallback on.
     """
     if not isinstance(text, str):
         raise TypeError(f"extract_answer expects a str, got {type(text).__name__}")
