@@ -11,7 +11,8 @@
 
 from .gsm8k import (GSM8K_SPLITS, Problem, extract_answer, is_correct, load_gsm8k, normalize_number,
                     packaged_gsm8k)
-from .prompts import PLAIN_PROMPT, encode_prompts, format_prompt, format_response, uses_chat_template
+from .prompts import (PLAIN_PROMPT, encode_prompt, encode_prompts, encode_response, format_prompt,
+                      format_response, uses_chat_template)
 from .synthetic import OPERATIONS, SyntheticConfig, generate_problems, generate_splits
 from .tokenizer import DEFAULT_ALPHABET, SPECIAL_TOKENS, char_tokenizer
 
@@ -24,7 +25,9 @@ __all__ = [
     "SPECIAL_TOKENS",
     "SyntheticConfig",
     "char_tokenizer",
+    "encode_prompt",
     "encode_prompts",
+    "encode_response",
     "extract_answer",
     "format_prompt",
     "format_response",

@@ -21,7 +21,15 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["PLAIN_PROMPT", "encode_prompts", "format_prompt", "format_response", "uses_chat_template"]
+__all__ = [
+    "PLAIN_PROMPT",
+    "encode_prompt",
+    "encode_prompts",
+    "encode_response",
+    "format_prompt",
+    "format_response",
+    "uses_chat_template",
+]
 
 PLAIN_PROMPT = "Question: {question}\nAnswer: "
 
@@ -50,6 +58,23 @@ def format_response(answer: str) -> str:
     if not isinstance(answer, str):
         raise TypeError(f"answer must be a str, got {type(answer).__name__}")
     return answer.strip()
+
+
+def encode_prompt(tokenizer, question: str) -> list[int]:
+    """The unpadded ids of ``question``'s prompt: one row of :func:`encode_prompts` without padding
+    (the plain format with the tokenizer's own special tokens, a chat prompt with none added)."""
+    text = format_prompt(tokenizer, question)
+    return tokenizer(text, add_special_tokens=not uses_chat_template(tokenizer)).input_ids
+
+
+def encode_response(tokenizer, answer: str) -> list[int]:
+    """The ids of a training response: :func:`format_response` of ``answer``, then eos.
+
+    ``encode_prompt(tok, q) + encode_response(tok, a)`` is a whole training sequence; the loss counts
+    the response part."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token")
+    return tokenizer(format_response(answer), add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
 def encode_prompts(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epikern.data import (PLAIN_PROMPT, char_tokenizer, encode_prompts, format_prompt, format_response,
-                          load_gsm8k, uses_chat_template)
+from epikern.data import (PLAIN_PROMPT, char_tokenizer, encode_prompt, encode_prompts, encode_response,
+                          format_prompt, format_response, generate_problems, load_gsm8k, uses_chat_template)
 
 QUESTIONS = ["Tom has 3 apples. He buys 4 more. How many apples does Tom have now?", "What is 2+3?"]
 
@@ -32,6 +32,18 @@ def test_plain_format():
                 for q in QUESTIONS]
     _check_left_padded(tok, input_ids, attention_mask, expected)
     assert tok.padding_side == "right", "encode_prompts must not change the tokenizer"
+    assert [encode_prompt(tok, q) for q in QUESTIONS] == expected
+
+
+def test_training_sequence_round_trips():
+    tok = char_tokenizer()
+    for p in generate_problems(20):
+        prompt, response = encode_prompt(tok, p.question), encode_response(tok, p.answer)
+        assert prompt[0] == tok.bos_token_id and response[-1] == tok.eos_token_id
+        assert tok.eos_token_id not in prompt + response[:-1]
+        text = tok.decode(prompt + response, skip_special_tokens=True)
+        assert text == f"Question: {p.question}\nAnswer: {p.answer}"
+        assert tok.decode(response, skip_special_tokens=True) == p.answer
 
 
 def test_chat_format_with_smollm2(smollm2):
@@ -49,6 +61,11 @@ def test_chat_format_with_smollm2(smollm2):
     assert tok.convert_ids_to_tokens(expected[0][:1]) == ["<|im_start|>"]   # no extra bos
     _check_left_padded(tok, input_ids, attention_mask, expected)
     assert tok.padding_side == "right", "encode_prompts must not change the shared tokenizer"
+    assert [encode_prompt(tok, q) for q in questions] == expected
+    response = encode_response(tok, "2+3=<<2+3=5>>5\n#### 5")
+    assert response[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    full = tok.decode(expected[0] + response)
+    assert full == format_prompt(tok, questions[0]) + "2+3=<<2+3=5>>5\n#### 5<|im_end|>"
 
 
 
@@ -65,3 +82,6 @@ def test_bad_input():
     tok.pad_token = None
     with pytest.raises(ValueError, match="no pad token"):
         encode_prompts(tok, ["q"])
+    tok.eos_token = None
+    with pytest.raises(ValueError, match="no eos token"):
+        encode_response(tok, "#### 1")
