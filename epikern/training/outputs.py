@@ -1,0 +1,76 @@
+"""Output directories of the training commands: claim one, resume one, write into it atomically.
+
+Every command writes ``recipe.json`` (its whole config) first and its results last, each file through
+a temporary name and ``os.replace``, so a kill leaves complete files only. A directory that already
+holds a run is never written over: without ``resume`` it is refused, with ``resume`` its
+``recipe.json`` must equal the new config (the differing fields are named).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..models.loading import CheckpointError
+from .config import config_diff
+
+RECIPE_NAME = "recipe.json"
+
+
+def claim(out: Path, recipe: dict, *, resume: bool, is_main: bool = True) -> Path:
+    """Make ``out`` this run's directory (rank 0 writes ``recipe.json``).
+
+    Raises:
+        CheckpointError: ``out`` holds files but ``resume`` is False (nothing is touched); ``resume``
+            on a directory without ``recipe.json``; ``resume`` with a different config (names the
+            differing fields).
+    """
+    out = Path(out)
+    saved_path = out / RECIPE_NAME
+    if resume:
+        if not saved_path.is_file():
+            raise CheckpointError(f"--resume: {out} holds no run to resume (no {RECIPE_NAME}); "
+                                  "run without --resume to start one")
+        try:
+            saved = json.loads(saved_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"--resume: {saved_path} is corrupt ({exc}); it was left untouched") from exc
+        diffs = config_diff(saved, recipe)
+        if diffs:
+            raise CheckpointError(f"cannot resume {out}: it was started with a different config "
+                                  f"({'; '.join(diffs)}). Resume with its settings, or use another --out.")
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} already holds files (a previous run?); nothing was changed. Pass --resume "
+                              "to continue that run, or choose an empty --out directory")
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(saved_path, recipe)
+    return out
+
+
+def write_json(path: Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_pretrained(obj, out: Path, tokenizer=None) -> None:
+    """``obj.save_pretrained`` (an HF model or a DraftEnsemble) into ``out`` file by file atomically:
+    everything is written to a temporary directory first, then each file is renamed into place."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
+    try:
+        obj.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        for f in tmp.iterdir():
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
