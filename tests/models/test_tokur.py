@@ -178,7 +178,6 @@ def test_smollm2_members_differ_and_eu_is_positive(smollm2_tokur):
     model = tokur.target
     question = "Tom has 3 apples and buys 4 more. How many does he have? 3 + 4 ="
     ids = tokenizer(question, return_tensors="pt").input_ids
-    T = ids.shape[1]
     logits = tokur.perturbation.member_logits(ids, num_members=3, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(logits[0], hf_forward(model, ids, None, None), atol=1e-4, rtol=0)
     assert (logits[1] - logits[0]).abs().amax(-1).min() > 1e-3 and (logits[2] - logits[1]).abs().amax(-1).min() > 1e-3
@@ -186,8 +185,5 @@ def test_smollm2_members_differ_and_eu_is_positive(smollm2_tokur):
     hf = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3, do_sample=False,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
     assert torch.equal(out.sequences, hf)
-    u = out.uncertainty
-    assert (u.epistemic > 0).all() and (u.epistemic < u.total).all()
-    scored = tokur.score(out.sequences)
-    assert scored.epistemic.shape == (1, T + 3) and (scored.epistemic > 0).all()
-    torch.testing.assert_close(u.epistemic, scored.epistemic[:, T - 1:T + 2], atol=1e-4, rtol=1e-3)
+    u = out.uncertainty  # (generate == score is tested on the tiny model)
+    assert u.epistemic.shape == (1, 3) and (u.epistemic > 0).all() and (u.epistemic < u.total).all()
