@@ -25,7 +25,8 @@ from .ops import forward_kl, fused_linear_forward_kl  # noqa: E402
 __all__ += ["forward_kl", "fused_linear_forward_kl"]
 
 # Models need transformers; they are imported on first use so that `import epikern` stays light.
-_LAZY_EXPORTS = {"DraftEnsemble": "epikern.models", "DraftEstimator": "epikern.models"}
+_LAZY_EXPORTS = {name: "epikern.models" for name in
+                 ("DraftEnsemble", "DraftEstimator", "Perturbation", "TokUR", "TokURGeneration")}
 __all__ += list(_LAZY_EXPORTS)
 
 

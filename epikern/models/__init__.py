@@ -1,7 +1,11 @@
-"""Draft models: :class:`DraftEnsemble` (shared trunk, one KV cache) and :class:`DraftEstimator`."""
+"""Models: :class:`DraftEnsemble` (shared trunk, one KV cache), :class:`DraftEstimator`, TokUR's
+:class:`Perturbation` and :class:`TokUR`."""
 
 from .cache import DraftCache, StackedKVLayer
 from .draft_ensemble import DraftEnsemble
 from .estimator import DraftEstimator, GenerationResult
+from .perturb import Perturbation
+from .tokur import ForwardCost, TokUR, TokURGeneration
 
-__all__ = ["DraftCache", "DraftEnsemble", "DraftEstimator", "GenerationResult", "StackedKVLayer"]
+__all__ = ["DraftCache", "DraftEnsemble", "DraftEstimator", "ForwardCost", "GenerationResult", "Perturbation",
+           "StackedKVLayer", "TokUR", "TokURGeneration"]

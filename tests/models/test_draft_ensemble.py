@@ -214,6 +214,8 @@ def test_top_level_exports():
     from epikern.models import DraftEstimator
 
     assert ek.DraftEnsemble is DraftEnsemble and ek.DraftEstimator is DraftEstimator
+    from epikern.models import Perturbation, TokUR
+    assert ek.TokUR is TokUR and ek.Perturbation is Perturbation
 
 
 def test_select_keeps_the_chosen_drafts_and_shares_the_trunk():
