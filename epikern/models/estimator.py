@@ -17,16 +17,22 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..ops import DraftUncertainty, draft_uncertainty
+from ..ops._checks import uniform_or_checked_weights
 from .draft_ensemble import DraftEnsemble
+from .loading import model_vocab_size
 from .masks import position_ids_from_mask
+from .speculative import (MIXTURE, DecodingStats, check_proposal, greedy_accepted, last_token_of_round,
+                          proposal_probs, propose, sampling_accepted)
 
 
 class GenerationResult(NamedTuple):
     """What :meth:`DraftEstimator.generate` returns (N ≤ ``max_new_tokens`` generated tokens)."""
 
     sequences: Tensor  #: [B, T0 + N] prompt then generated ids (pad after a row's eos)
-    uncertainty: DraftUncertainty  #: fields [B, N] (draft_lse [K, B, N]); NaN after a row's eos
+    #: fields [B, N] (draft_lse [K, B, N]); NaN after a row's eos; None with ``with_uncertainty=False``
+    uncertainty: Optional[DraftUncertainty]
     generated_mask: Tensor  #: [B, N] bool, True for generated tokens up to and including eos
+    stats: Optional[DecodingStats] = None  #: rounds, acceptance and forwards of each model
 
 
 class DraftEstimator:
@@ -37,7 +43,7 @@ class DraftEstimator:
         drafts: the :class:`DraftEnsemble` (same tokenizer; a padded vocabulary is compared on the
             shared prefix).
         reference: the distribution p of ``kl``/``eu``: None for the target itself, or a proxy HF
-            causal LM (``p_mix`` trained by OSD).
+            causal LM (``p_mix`` trained by OSD) with the target's vocabulary.
         weights, eu_temperature, decompose, backend: passed to :func:`epikern.draft_uncertainty`
             (``eu_temperature`` scales every distribution of the uncertainty, not the sampling).
     """
@@ -47,6 +53,10 @@ class DraftEstimator:
                  decompose: bool = True, backend: Optional[str] = None):
         if not isinstance(drafts, DraftEnsemble):
             raise TypeError(f"drafts must be a DraftEnsemble, got {type(drafts).__name__}")
+        if reference is not None and model_vocab_size(reference) != model_vocab_size(target):
+            raise ValueError(
+                f"the reference (proxy) has a vocabulary of {model_vocab_size(reference)} logits but the target has "
+                f"{model_vocab_size(target)}: a proxy distilled from the target must share its vocabulary")
         self.target, self.drafts, self.reference = target, drafts, reference
         self.weights, self.eu_temperature, self.decompose, self.backend = weights, eu_temperature, decompose, backend
 
@@ -92,13 +102,47 @@ class DraftEstimator:
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int = 32,
                  do_sample: bool = False, temperature: float = 1.0,
                  eos_token_id: Union[None, int, Sequence[int]] = None,
-                 generator: Optional[torch.Generator] = None) -> GenerationResult:
-        """Decode with the target while the drafts advance in lockstep on their shared cache.
+                 generator: Optional[torch.Generator] = None, speculative_tokens: int = 0,
+                 proposal: Union[str, int] = MIXTURE, with_uncertainty: bool = True) -> GenerationResult:
+        """Decode with the target, speculatively with the drafts' proposals when ``speculative_tokens`` > 0.
 
-        Each step runs the target (its own ``DynamicCache``), the reference if it is a proxy, one
-        batched step of all K drafts, and one fused :func:`epikern.draft_uncertainty` call on the
-        last position. The only host synchronisation beyond the models' is the all-rows-finished
-        check, made only when ``eos_token_id`` is given.
+        **Plain decoding** (γ = ``speculative_tokens`` = 0): each step runs the target (its own
+        ``DynamicCache``), the reference if it is a proxy, one batched step of all K drafts, and one
+        fused :func:`epikern.draft_uncertainty` call on the last position.
+
+        **Speculative decoding** (γ ≥ 1, SPEC §4b), by rounds. The K drafts advance γ batched steps
+        on their shared :class:`~epikern.models.DraftCache`; step j proposes token j + 1 from the
+        mixture ``q̄ = Σ_k w_k softmax(z_k / T)`` (the estimator's ``weights``; T = ``temperature``
+        when sampling, 1 when greedy), or from draft ``proposal`` alone: its argmax when greedy, a
+        sample otherwise. The target verifies all γ + 1 positions in one forward; greedy rows accept
+        while the proposal is the target's argmax, sampled rows by speculative sampling (accept y
+        with probability ``min(1, p(y)/q̄(y))``, on rejection draw from ``norm(max(0, p − q̄))``, a
+        bonus token from p when all γ are accepted; see :mod:`epikern.models.speculative`), so the
+        greedy output is the target's greedy output and the sampled output is distributed exactly as
+        the target's. The caches of the target, the proxy and the drafts are rolled back with
+        ``crop``. Near ``max_new_tokens`` a round proposes fewer tokens, so none is wasted.
+
+        *Batches*: the rows advance together by the smallest accepted count n (rows finished by eos
+        do not count). This is lossless: each row's first n accepted proposals are its target's own
+        tokens (greedy) or exact samples (sampling), and row b's token at position n is its
+        accepted proposal if it accepted more, else its correction or bonus token; whether a row is
+        cut early depends only on the other rows, never on its own later tokens, so cutting never
+        changes a row's output (greedy) or its distribution (sampling); the proposals after the cut
+        are discarded.
+
+        *Uncertainty*: every emitted token gets the drafts' and the reference's distributions at its
+        prefix, which speculative decoding has already computed (draft step j, target position j),
+        so one fused :func:`epikern.draft_uncertainty` call per round scores the round's tokens
+        (drafts ``[K, B, n + 1, V]`` against target or proxy logits) with no extra target forward;
+        the numbers equal plain decoding's (up to float round-off of the batched forwards). The
+        drafts' distribution after a fully accepted round's last proposal comes from the first
+        draft step of the next round, which then consumes two tokens (that proposal and the bonus
+        token), so scoring costs no draft step either; after the last round one more draft step
+        scores the final token if needed.
+
+        *Host synchronisation*: plain decoding reads the device only for the all-rows-finished
+        check, made only when ``eos_token_id`` is given; speculative decoding also reads the
+        accepted count of each round (one int, needed to crop the caches).
 
         Args:
             input_ids: ``[B, T0]`` prompts, left-padded if their lengths differ.
@@ -108,55 +152,165 @@ class DraftEstimator:
             temperature: sampling temperature (> 0), used only with ``do_sample``.
             eos_token_id: id(s) ending a row; later tokens of that row are the target's
                 ``pad_token_id`` (or the first eos id) and their uncertainty is NaN.
-            generator: random generator for sampling.
+            generator: random generator for sampling (proposals, acceptance and target samples).
+            speculative_tokens: γ ≥ 0 proposals per round (0: plain decoding).
+            proposal: ``"mixture"`` or a draft index k in ``[0, K)``.
+            with_uncertainty: False skips the uncertainty (and the proxy reference, and at γ = 0 the
+                drafts); the result's ``uncertainty`` is then None.
+
+        Returns:
+            :class:`GenerationResult`; its ``stats`` count rounds, acceptance and forwards.
+
+        Raises:
+            ValueError: negative ``max_new_tokens`` or γ, ``proposal`` out of range, sampling with a
+                non-positive temperature. TypeError: a non-integer γ.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         if do_sample and not temperature > 0:
             raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if not isinstance(speculative_tokens, int) or isinstance(speculative_tokens, bool):
+            raise TypeError(f"speculative_tokens must be an int, got {type(speculative_tokens).__name__}")
+        if speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
+        K = self.drafts.num_drafts
+        draft = check_proposal(proposal, K)
         B, T0 = input_ids.shape
         device = input_ids.device
         mask = torch.ones(B, T0, dtype=torch.long, device=device) if attention_mask is None else attention_mask
-        positions = position_ids_from_mask(mask, T0)
         eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).flatten()
         pad = getattr(self.target.config, "pad_token_id", None)
         pad = int(eos[0]) if pad is None and eos is not None else pad
+        proxy = self.reference if with_uncertainty else None
         target_cache = DynamicCache(config=self.target.config)
-        ref_cache = None if self.reference is None else DynamicCache(config=self.reference.config)
+        proxy_cache = None if proxy is None else DynamicCache(config=proxy.config)
         draft_cache = self.drafts.new_cache(B)
+        if speculative_tokens:  # sliding-window layers keep their states until a crop trims them
+            for cache in (target_cache, proxy_cache):
+                if cache is not None:
+                    cache.activate_past_recording()
+        # proposals come from the vocabulary the drafts and the target share
+        vocab = min(self.drafts.vocab_size, model_vocab_size(self.target))
+        log_weights = None if draft is not None else \
+            uniform_or_checked_weights(self.weights, K, device).log()
+        sampling_temperature = temperature if do_sample else 1.0
         finished = torch.zeros(B, dtype=torch.bool, device=device)
-        step_ids, tokens, live, steps = input_ids, [], [], []
-        for _ in range(max_new_tokens):
-            logits = _lm_logits(self.target, step_ids, mask, positions, target_cache, 1)[:, -1]
-            ref = logits if self.reference is None else \
-                _lm_logits(self.reference, step_ids, mask, positions, ref_cache, 1)[:, -1]
-            drafts = self.drafts(step_ids, mask, draft_cache, position_ids=positions, logits_to_keep=1)[:, :, -1]
-            steps.append(self._uncertainty(drafts, ref))
+        # ``pending``: tokens the target has not consumed (the prompt, then the last emitted token);
+        # ``draft_pending``: the same for the drafts, one token longer after a fully accepted round,
+        # whose last proposal they have not consumed; ``deferred``: that round's bonus token's
+        # reference logits [B, V], scored when the drafts' next step supplies their distribution.
+        pending = draft_pending = input_ids
+        deferred = None
+        tokens, live, scores, proposed, accepted = [], [], [], [], []
+        forwards = {"draft": 0, "reference": 0}
+        emitted = 0
+        while emitted < max_new_tokens:
+            g = min(speculative_tokens, max_new_tokens - emitted - 1)
+            n = mask.shape[1]  # sequence length so far; the caches hold n - len(pending) tokens
+            grown = torch.cat([mask, mask.new_ones(B, g)], dim=1)
+            positions = position_ids_from_mask(grown, grown.shape[1])
+
+            # drafts: g steps propose y_1..y_g (at least one step when scoring, for the EU of token 0)
+            draft_rows, q, ys = [], [], []
+            for j in range(max(g, 1) if with_uncertainty else g):
+                ids = draft_pending if j == 0 else ys[-1][:, None]
+                keep = 2 if j == 0 and deferred is not None else 1
+                logits = self.drafts(ids, grown[:, :n + j], draft_cache,
+                                     position_ids=positions[:, n + j - ids.shape[1]:n + j], logits_to_keep=keep)
+                forwards["draft"] += 1
+                if keep == 2:  # the distribution after the previous round's last proposal
+                    draft_rows.append(logits[:, :, 0])
+                draft_rows.append(logits[:, :, -1])
+                if j < g:
+                    q.append(proposal_probs(draft_rows[-1][..., :vocab], log_weights, draft, sampling_temperature))
+                    ys.append(propose(q[-1], do_sample, generator))
+
+            # target (and proxy): verify the round in one forward, g + 1 positions
+            verify = torch.cat([pending, *(y[:, None] for y in ys)], dim=1)
+            verify_positions = positions[:, n - pending.shape[1]:]
+            logits = _lm_logits(self.target, verify, grown, verify_positions, target_cache, g + 1)
+            ref = logits if proxy is None else \
+                _lm_logits(proxy, verify, grown, verify_positions, proxy_cache, g + 1)
+            forwards["reference"] += int(proxy is not None)
+            y = torch.stack(ys, dim=1) if ys else verify[:, :0]
             if do_sample:
-                probs = torch.softmax(logits.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                p = torch.softmax(logits.float() / temperature, dim=-1)
+                n_acc = sampling_accepted(y, torch.stack(q, dim=1), p, generator) if g else None
             else:
-                nxt = logits.argmax(dim=-1)
-            live.append(~finished)
+                target_tokens = logits.argmax(dim=-1)
+                n_acc = greedy_accepted(y, target_tokens) if g else None
+            cut = 0
+            if g:
+                if eos is not None:  # a finished row, or one that ends within its accepted tokens, constrains nobody
+                    stream = target_tokens if not do_sample else y
+                    within = torch.arange(stream.shape[1], device=device) < (n_acc + (not do_sample))[:, None]
+                    n_acc = torch.where(finished | (torch.isin(stream, eos) & within).any(1), g, n_acc)
+                cut = int(n_acc.min())  # the one host read of a round
+            if do_sample:
+                last = last_token_of_round(y, n_acc, cut, p[:, cut], q[cut] if cut < g else None, generator)
+                new = torch.cat([y[:, :cut], last[:, None]], dim=1)
+            else:
+                new = target_tokens[:, :cut + 1]
+
+            alive = (~finished)[:, None].expand(B, cut + 1)
+            done = False
             if eos is not None:
-                nxt = nxt.masked_fill(finished, pad)
-                finished = finished | torch.isin(nxt, eos)
-            tokens.append(nxt)
-            if eos is not None and bool(finished.all()):
+                is_eos = torch.isin(new, eos)
+                alive = alive & ~((is_eos.cumsum(1) - is_eos.long()) > 0)  # no earlier eos this round
+                new = new.masked_fill(~alive, pad)
+                finished = finished | (is_eos & alive).any(1)
+                # when every row has finished, stop after the last eos, as plain decoding does
+                width, done = torch.stack([alive.any(0).sum(), finished.all()]).tolist()
+                new, alive = new[:, :width], alive[:, :width]
+            width = new.shape[1]
+            tokens.append(new)
+            live.append(alive)
+            emitted += width
+            proposed.append(g)
+            accepted.append(width - 1)
+
+            if with_uncertainty:  # the round's tokens that have draft logits, after the deferred one
+                scored = min(width, len(draft_rows) - (deferred is not None))
+                rows = draft_rows[: scored + (deferred is not None)]
+                refs = ref[:, :scored] if deferred is None else torch.cat([deferred[:, None], ref[:, :scored]], 1)
+                scores.append(self._uncertainty(torch.stack(rows, dim=2), refs))
+                deferred = ref[:, g] if scored < width else None  # a fully accepted round's bonus token
+            pending = new[:, -1:]
+            if speculative_tokens:  # roll back the rejected proposals: keep n + cut tokens
+                for cache in (target_cache, proxy_cache):
+                    if cache is not None:
+                        cache.crop(cut - g)  # also trims sliding-window layers back to their window
+                if g and cut == g:  # the drafts have not consumed y_g: it goes first next round
+                    draft_pending = torch.cat([y[:, -1:], pending], dim=1)
+                elif draft_rows:  # (with no draft step, in the last round, they never run again)
+                    draft_cache.crop(n + cut - draft_cache.get_seq_length())
+                    draft_pending = pending
+            else:
+                draft_pending = pending
+            mask = torch.cat([mask, mask.new_ones(B, width)], dim=1)
+            if done:
                 break
-            step_ids = nxt[:, None]
-            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            positions = positions[:, -1:] + 1
-        if not steps:
+        if deferred is not None:  # the last round's bonus token: the drafts' step after y_g
+            ids = draft_pending[:, :1]
+            logits = self.drafts(ids, mask[:, :-1], draft_cache, position_ids=position_ids_from_mask(mask[:, :-1], 1),
+                                 logits_to_keep=1)
+            forwards["draft"] += 1
+            scores.append(self._uncertainty(logits, deferred[:, None]))
+        stats = DecodingStats(speculative_tokens, tuple(proposed), tuple(accepted), len(proposed),
+                              forwards["draft"], forwards["reference"])
+        if not tokens:
             empty = input_ids.new_empty(B, 0)
-            nan = torch.full((B, 0), float("nan"), device=device)
-            u = DraftUncertainty(*([nan] * 6), draft_lse=nan.expand(self.drafts.num_drafts, B, 0), target_lse=nan)
-            return GenerationResult(input_ids, u, empty.bool())
-        generated = torch.stack(tokens, dim=1)
-        generated_mask = torch.stack(live, dim=1)
-        u = DraftUncertainty(*(torch.stack(field, dim=-1) for field in zip(*steps)))
-        return GenerationResult(torch.cat([input_ids, generated], dim=1), _nan_where_not(u, generated_mask),
-                                generated_mask)
+            u = None
+            if with_uncertainty:
+                nan = torch.full((B, 0), float("nan"), device=device)
+                u = DraftUncertainty(*([nan] * 6), draft_lse=nan.expand(K, B, 0), target_lse=nan)
+            return GenerationResult(input_ids, u, empty.bool(), stats)
+        generated = torch.cat(tokens, dim=1)
+        generated_mask = torch.cat(live, dim=1)
+        u = None
+        if with_uncertainty:
+            u = _nan_where_not(DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*scores))), generated_mask)
+        return GenerationResult(torch.cat([input_ids, generated], dim=1), u, generated_mask, stats)
 
     def _uncertainty(self, draft_logits: Tensor, ref_logits: Tensor) -> DraftUncertainty:
         vocab = min(draft_logits.shape[-1], ref_logits.shape[-1])
