@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -194,6 +194,10 @@ class DraftEstimator:
         log_weights = None if draft is not None else \
             uniform_or_checked_weights(self.weights, K, device).log()
         sampling_temperature = temperature if do_sample else 1.0
+
+        def proposer(draft_logits: Tensor) -> Tensor:  # [K, B, V] -> proposal distribution [B, vocab]
+            return proposal_probs(draft_logits[..., :vocab], log_weights, draft, sampling_temperature)
+
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         # ``pending``: tokens the target has not consumed (the prompt, then the last emitted token);
         # ``draft_pending``: the same for the drafts, one token longer after a fully accepted round,
@@ -211,19 +215,10 @@ class DraftEstimator:
             positions = position_ids_from_mask(grown, grown.shape[1])
 
             # drafts: g steps propose y_1..y_g (at least one step when scoring, for the EU of token 0)
-            draft_rows, q, ys = [], [], []
-            for j in range(max(g, 1) if with_uncertainty else g):
-                ids = draft_pending if j == 0 else ys[-1][:, None]
-                keep = 2 if j == 0 and deferred is not None else 1
-                logits = self.drafts(ids, grown[:, :n + j], draft_cache,
-                                     position_ids=positions[:, n + j - ids.shape[1]:n + j], logits_to_keep=keep)
-                forwards["draft"] += 1
-                if keep == 2:  # the distribution after the previous round's last proposal
-                    draft_rows.append(logits[:, :, 0])
-                draft_rows.append(logits[:, :, -1])
-                if j < g:
-                    q.append(proposal_probs(draft_rows[-1][..., :vocab], log_weights, draft, sampling_temperature))
-                    ys.append(propose(q[-1], do_sample, generator))
+            steps = max(g, 1) if with_uncertainty else g
+            draft_rows, q, ys = self._propose(draft_pending, grown, positions, n, g, steps, deferred is not None,
+                                              draft_cache, proposer, do_sample, generator)
+            forwards["draft"] += steps
 
             # target (and proxy): verify the round in one forward, g + 1 positions
             verify = torch.cat([pending, *(y[:, None] for y in ys)], dim=1)
@@ -233,35 +228,9 @@ class DraftEstimator:
                 _lm_logits(proxy, verify, grown, verify_positions, proxy_cache, g + 1)
             forwards["reference"] += int(proxy is not None)
             y = torch.stack(ys, dim=1) if ys else verify[:, :0]
-            if do_sample:
-                p = torch.softmax(logits.float() / temperature, dim=-1)
-                n_acc = sampling_accepted(y, torch.stack(q, dim=1), p, generator) if g else None
-            else:
-                target_tokens = logits.argmax(dim=-1)
-                n_acc = greedy_accepted(y, target_tokens) if g else None
-            cut = 0
-            if g:
-                if eos is not None:  # a finished row, or one that ends within its accepted tokens, constrains nobody
-                    stream = target_tokens if not do_sample else y
-                    within = torch.arange(stream.shape[1], device=device) < (n_acc + (not do_sample))[:, None]
-                    n_acc = torch.where(finished | (torch.isin(stream, eos) & within).any(1), g, n_acc)
-                cut = int(n_acc.min())  # the one host read of a round
-            if do_sample:
-                last = last_token_of_round(y, n_acc, cut, p[:, cut], q[cut] if cut < g else None, generator)
-                new = torch.cat([y[:, :cut], last[:, None]], dim=1)
-            else:
-                new = target_tokens[:, :cut + 1]
+            cut, new = _accept(y, q, logits, finished, eos, do_sample, temperature, generator)
 
-            alive = (~finished)[:, None].expand(B, cut + 1)
-            done = False
-            if eos is not None:
-                is_eos = torch.isin(new, eos)
-                alive = alive & ~((is_eos.cumsum(1) - is_eos.long()) > 0)  # no earlier eos this round
-                new = new.masked_fill(~alive, pad)
-                finished = finished | (is_eos & alive).any(1)
-                # when every row has finished, stop after the last eos, as plain decoding does
-                width, done = torch.stack([alive.any(0).sum(), finished.all()]).tolist()
-                new, alive = new[:, :width], alive[:, :width]
+            new, alive, finished, done = _stop_at_eos(new, finished, eos, pad)
             width = new.shape[1]
             tokens.append(new)
             live.append(alive)
@@ -312,6 +281,28 @@ class DraftEstimator:
             u = _nan_where_not(DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*scores))), generated_mask)
         return GenerationResult(torch.cat([input_ids, generated], dim=1), u, generated_mask, stats)
 
+    def _propose(self, draft_pending: Tensor, grown: Tensor, positions: Tensor, n: int, g: int, steps: int,
+                 with_deferred: bool, cache, proposer: Callable[[Tensor], Tensor], do_sample: bool,
+                 generator: Optional[torch.Generator]) -> tuple[list, list, list]:
+        """``steps`` batched draft steps of a round; step j consumes ``draft_pending`` (j = 0) or
+        ``y_j`` and, for j < g, proposes ``y_{j+1}``.
+
+        Returns the draft logits ``[K, B, V]`` at each position (first, with ``with_deferred``, the
+        one after the previous round's last proposal), the proposal distributions ``[B, V']`` and
+        the proposals ``[B]``.
+        """
+        rows, q, ys = [], [], []
+        for j in range(steps):
+            ids = draft_pending if j == 0 else ys[-1][:, None]
+            keep = 2 if j == 0 and with_deferred else 1
+            logits = self.drafts(ids, grown[:, :n + j], cache, position_ids=positions[:, n + j - ids.shape[1]:n + j],
+                                 logits_to_keep=keep)
+            rows.extend(logits.unbind(2))
+            if j < g:
+                q.append(proposer(rows[-1]))
+                ys.append(propose(q[-1], do_sample, generator))
+        return rows, q, ys
+
     def _uncertainty(self, draft_logits: Tensor, ref_logits: Tensor) -> DraftUncertainty:
         vocab = min(draft_logits.shape[-1], ref_logits.shape[-1])
         return draft_uncertainty(
@@ -319,6 +310,52 @@ class DraftEstimator:
             decompose=self.decompose, backend=self.backend,
             vocab_size=None if draft_logits.shape[-1] == ref_logits.shape[-1] else vocab,
         )
+
+
+def _accept(y: Tensor, q: list, logits: Tensor, finished: Tensor, eos: Optional[Tensor], do_sample: bool,
+            temperature: float, generator: Optional[torch.Generator]) -> tuple[int, Tensor]:
+    """Verify a round: the batch's accepted count n and its emitted tokens ``[B, n + 1]``.
+
+    ``y [B, g]`` proposals drawn from ``q`` (g tensors ``[B, V']``), ``logits [B, g + 1, V]`` the
+    target's. A row that has finished, or whose eos lies within its accepted tokens, does not limit
+    n (its later tokens are padding anyway). Reads n on the host (the one read of a round).
+    """
+    g = y.shape[1]
+    if do_sample:
+        p = torch.softmax(logits.float() / temperature, dim=-1)
+        accepted = sampling_accepted(y, torch.stack(q, dim=1), p, generator) if g else None
+    else:
+        target_tokens = logits.argmax(dim=-1)
+        accepted = greedy_accepted(y, target_tokens) if g else None
+    cut = 0
+    if g:
+        if eos is not None:
+            stream = y if do_sample else target_tokens  # the tokens a row emits if it is not cut
+            within = torch.arange(stream.shape[1], device=y.device) < (accepted + (not do_sample))[:, None]
+            accepted = torch.where(finished | (torch.isin(stream, eos) & within).any(1), g, accepted)
+        cut = int(accepted.min())
+    if not do_sample:
+        return cut, target_tokens[:, :cut + 1]
+    last = last_token_of_round(y, accepted, cut, p[:, cut], q[cut] if cut < g else None, generator)
+    return cut, torch.cat([y[:, :cut], last[:, None]], dim=1)
+
+
+def _stop_at_eos(new: Tensor, finished: Tensor, eos: Optional[Tensor], pad: Optional[int]):
+    """A round's tokens ``[B, n]`` after eos: ``(tokens, alive, finished, done)``.
+
+    ``alive [B, n]`` marks the tokens up to and including each row's first eos (none for a row
+    finished before the round); later tokens become ``pad``. When every row has finished, ``done``
+    is True and the columns after the last eos are dropped, as plain decoding stops there. Without
+    eos nothing changes (and nothing is read from the device); with eos this is one read.
+    """
+    alive = (~finished)[:, None].expand_as(new)
+    if eos is None:
+        return new, alive, finished, False
+    is_eos = torch.isin(new, eos)
+    alive = alive & ~((is_eos.cumsum(1) - is_eos.long()) > 0)  # no earlier eos this round
+    finished = finished | (is_eos & alive).any(1)
+    width, done = torch.stack([alive.any(0).sum(), finished.all()]).tolist()
+    return new.masked_fill(~alive, pad)[:, :width], alive[:, :width], finished, bool(done)
 
 
 def _nan_where_not(u: DraftUncertainty, keep: Tensor) -> DraftUncertainty:
