@@ -1,6 +1,6 @@
 """Speculative decoding with EU (SPEC §4b, §7): tokens/s against plain target decoding, in one run.
 
-    epikern bench speculative [--target tiny|smollm2|DIR|FILE.gguf] [--drafts DIR] [--gammas 1 2 4 8]
+    epikern bench speculative [--target tiny|smollm2|DIR|FILE.gguf] [--drafts DIR|self] [--gammas 1 2 4 8]
     python benchmarks/bench_speculative.py ...   (the same)
 
 Greedy decoding, batch 1, every variant generates exactly ``--new-tokens`` tokens per prompt (no
@@ -9,24 +9,26 @@ tokens/s is the median over ``--repeats`` of (prompts × new tokens) ÷ wall tim
 
 * ``hf``: the target's own ``generate(do_sample=False)`` — the anchor;
 * ``plain``: :meth:`~epikern.DraftEstimator.generate` with γ = 0 and no EU (the target alone through
-  epikern's decoding loop), and ``plain+EU``: γ = 0 with EU (today's plain decoding: the drafts
-  shadow the target and cost time);
+  epikern's decoding loop), and ``plain+EU``: γ = 0 with EU (plain decoding where the drafts shadow
+  the target only to score it);
 * per γ: ``spec`` (speculative, EU off), ``spec+EU`` (EU on every emitted token), ``spec K=1``
   (draft 0 alone as a one-draft ensemble, EU off) and ``assisted`` (transformers'
-  ``generate(assistant_model=draft 0)`` with γ constant candidate tokens — the one-draft anchor).
+  ``generate(assistant_model=draft 0)`` with γ candidate tokens a round — the one-draft anchor).
 
-Also reported per γ: acceptance (accepted ÷ proposed), tokens per target forward, the share of a
-round spent on EU (``(t_EU − t_noEU) / t_EU`` from the medians, and from a direct timing of one
-:func:`epikern.draft_uncertainty` call at the round's shape), the cost of one draft step relative to
-one target token, and whether every variant produced the target's greedy tokens.
+Also reported: acceptance (accepted ÷ proposed), tokens per target forward, EU's share of a round
+(from the medians with and without EU, and from one timed :func:`epikern.draft_uncertainty` call at
+the round's shape), the cost of each step of a round (:func:`step_costs`), and whether every variant
+produced the target's greedy tokens.
 
-Drafts: ``--drafts DIR`` (a :meth:`DraftEnsemble.save_pretrained` directory); without it the
-drafts are built from the target itself by :func:`early_exit_drafts` (no training needed): each
-draft is the target's embedding, its first S layers (the shared trunk), a few of its later layers
-(the branch, a different window per draft), its final norm and its LM head — fewer layers than the
-target, hence cheaper per token, with whatever acceptance that gives (measured, not assumed).
-``--target tiny`` (the default) is a random tiny Llama built here; pass trained checkpoints with
-``--target DIR --drafts DIR``.
+Drafts: ``--drafts DIR`` (a :meth:`DraftEnsemble.save_pretrained` directory, e.g. trained DDD
+drafts); ``--drafts self`` (the target itself as one draft: every proposal is right and a draft step
+costs a target step — the acceptance ceiling); by default :func:`early_exit_drafts`, built from the
+target without training: the target's embedding, its first S layers (the shared trunk), a few of
+its later layers (the branch, a different window per draft), its final norm and LM head — fewer
+layers than the target, with whatever acceptance that gives (measured, not assumed). ``--target
+tiny`` (the default) is a random tiny Llama built here; for a target with a tokenizer the prompts
+are GSM8K test questions (chat models) or synthetic problems (the character-level tiny models), in
+the project's prompt format.
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,12 +49,13 @@ import torch
 import transformers
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 import epikern as ek
 from ..models import DraftEnsemble, DraftEstimator
+from ..models.estimator import hf_cache_keyword
 from ..models.layers import LINEARS, NORMS
 from ..models.loading import load_causal_lm
-from .kernel_bench import _machine
 
 #: GSM8K-style questions for a chat target (written here; nothing is downloaded).
 PROMPTS = (
@@ -155,63 +160,96 @@ def _round_robin_s(fns: dict, repeats: int, progress: bool) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def step_costs(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor, gammas: Sequence[int],
+               repeats: int = 10) -> dict:
+    """Median ms of the pieces of a round at the context of ``prompt`` (``[1, T]``), each step undone
+    with ``crop``: a target forward over 1 token and over γ + 1 tokens (the verification), one
+    batched step of all K drafts over 1 and over 2 tokens (a step after a fully accepted round)."""
+    cache = DynamicCache(config=target.config)
+    keyword = hf_cache_keyword(type(target))
+    target(input_ids=prompt, use_cache=True, **{keyword: cache})
+    draft_cache = drafts.new_cache(1)
+    drafts(prompt, None, draft_cache)
+    T = prompt.shape[1]
+
+    def target_step(n):
+        ids = prompt[:, -n:]
+        positions = torch.arange(T, T + n)[None]
+        return lambda: (target(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=n,
+                               **{keyword: cache}), cache.crop(-n))
+
+    def draft_step(n):
+        ids = prompt[:, -n:]
+        positions = torch.arange(T, T + n)[None]
+        return lambda: (drafts(ids, None, draft_cache, position_ids=positions, logits_to_keep=n), draft_cache.crop(-n))
+
+    fns = {"target_1": target_step(1), "draft_1": draft_step(1), "draft_2": draft_step(2)}
+    fns.update({f"target_{g + 1}": target_step(g + 1) for g in gammas})
+    return {name: 1e3 * s for name, s in _round_robin_s(fns, repeats, progress=False).items()}
+
+
 def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Tensor], *,
             gammas: Sequence[int] = GAMMAS, new_tokens: int = 32, repeats: int = 3, proposal="mixture",
             assisted: bool = True, progress: bool = True) -> dict:
     """Time plain, speculative (EU off/on) and assisted greedy decoding of ``prompts`` (each ``[1, T]``).
 
-    Returns a dict with ``rows`` (one per variant: ``variant``, ``gamma``, ``tokens_per_s``,
-    ``speedup`` over ``hf``, ``same_tokens`` as ``hf``, and for epikern variants ``acceptance``,
-    ``tokens_per_round``, ``draft_forwards``) and ``eu`` (per γ: ``share_from_medians``,
-    ``share_direct``, ``round_ms``, ``eu_call_ms``), plus ``draft_step_cost`` (one draft step ÷ one
-    target token, from the γ = 0 timings).
+    Returns a dict with
+
+    * ``rows``: one per variant (``variant``, ``gamma``, ``tokens_per_s``, ``speedup`` over ``hf``,
+      ``same_tokens`` as ``hf``; for epikern variants ``acceptance``, ``tokens_per_round``,
+      ``rounds``, ``draft_forwards``, ``round_ms``);
+    * ``eu``: per γ (0 = plain decoding), EU's share of a round from the medians
+      (``(t_EU − t_noEU) / t_EU``; at γ = 0 this includes the drafts, which run only for EU there)
+      and from one timed :func:`epikern.draft_uncertainty` call at the round's shape;
+    * ``steps``: :func:`step_costs` at the first prompt's context, and per γ the round time the
+      steps predict, ``γ·draft_1 + target_{γ+1}``.
     """
     est = DraftEstimator(target, drafts)
-    one = DraftEstimator(target, single_draft(drafts, 0 if proposal == "mixture" else proposal))
-    assistant = draft_as_hf(drafts, 0 if proposal == "mixture" else proposal) if assisted else None
-    no_eos = {"eos_token_id": None, "pad_token_id": 0}
+    k = 0 if proposal == "mixture" else proposal
+    one = DraftEstimator(target, single_draft(drafts, k))
+    assistant = draft_as_hf(drafts, k) if assisted else None
     results: dict[str, list] = {}
 
-    def run_all(fn: Callable[[torch.Tensor], object], name: str) -> Callable[[], None]:
+    def over_prompts(name: str, fn: Callable[[torch.Tensor], object]) -> tuple[str, Callable[[], None]]:
         def call():
             results[name] = [fn(p) for p in prompts]
-        return call
+        return name, call
 
-    variants = {"hf": run_all(lambda p: target.generate(input_ids=p, attention_mask=torch.ones_like(p),
-                                                        max_new_tokens=new_tokens, do_sample=False, **no_eos), "hf"),
-                "plain": run_all(lambda p: est.generate(p, max_new_tokens=new_tokens, with_uncertainty=False), "plain"),
-                "plain+EU": run_all(lambda p: est.generate(p, max_new_tokens=new_tokens), "plain+EU")}
+    def hf(p):
+        return target.generate(input_ids=p, attention_mask=torch.ones_like(p), max_new_tokens=new_tokens,
+                               do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    variants = dict([over_prompts("hf", hf),
+                     over_prompts("plain", lambda p: est.generate(p, max_new_tokens=new_tokens, with_uncertainty=False)),
+                     over_prompts("plain+EU", lambda p: est.generate(p, max_new_tokens=new_tokens))])
     for g in gammas:
-        spec = dict(max_new_tokens=new_tokens, speculative_tokens=g, proposal=proposal)
-        variants[f"spec γ={g}"] = run_all(lambda p, s=spec: est.generate(p, with_uncertainty=False, **s), f"spec γ={g}")
-        variants[f"spec+EU γ={g}"] = run_all(lambda p, s=spec: est.generate(p, **s), f"spec+EU γ={g}")
-        one_spec = dict(max_new_tokens=new_tokens, speculative_tokens=g)
-        variants[f"spec K=1 γ={g}"] = run_all(lambda p, s=one_spec: one.generate(p, with_uncertainty=False, **s),
-                                              f"spec K=1 γ={g}")
+        kw = dict(max_new_tokens=new_tokens, speculative_tokens=g)
+        variants.update([
+            over_prompts(f"spec γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, with_uncertainty=False, **kw)),
+            over_prompts(f"spec+EU γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, **kw)),
+            over_prompts(f"spec K=1 γ={g}", lambda p, kw=kw: one.generate(p, with_uncertainty=False, **kw))])
         if assistant is not None:
-            variants[f"assisted γ={g}"] = run_all(lambda p, g=g: _assisted(target, assistant, p, g, new_tokens),
-                                                  f"assisted γ={g}")
+            variants.update([over_prompts(f"assisted γ={g}", lambda p, g=g: _assisted(target, assistant, p, g, new_tokens))])
     seconds = _round_robin_s(variants, repeats, progress)
     total = new_tokens * len(prompts)
-    hf_tokens = [r[:, p.shape[1]:] for r, p in zip(results["hf"], prompts)]
+    reference = [r[:, p.shape[1]:] for r, p in zip(results["hf"], prompts)]
     rows = []
     for name, s in seconds.items():
-        out = results[name]
-        seqs = [o if isinstance(o, torch.Tensor) else o.sequences for o in out]
+        sequences = [o if isinstance(o, torch.Tensor) else o.sequences for o in results[name]]
         row = {"variant": name.split(" γ=")[0], "gamma": int(name.split("γ=")[1]) if "γ=" in name else 0,
                "tokens_per_s": total / s, "seconds": s, "speedup": seconds["hf"] / s,
-               "same_tokens": all(torch.equal(q[:, p.shape[1]:], h) for q, p, h in zip(seqs, prompts, hf_tokens))}
-        stats = [o.stats for o in out if hasattr(o, "stats")]
+               "same_tokens": all(torch.equal(q[:, p.shape[1]:], r) for q, p, r in zip(sequences, prompts, reference))}
+        stats = [o.stats for o in results[name] if hasattr(o, "stats")]
         if stats:
-            proposed = sum(sum(st.proposed) for st in stats)
+            rounds, proposed = sum(st.rounds for st in stats), sum(sum(st.proposed) for st in stats)
             row.update(acceptance=sum(sum(st.accepted) for st in stats) / proposed if proposed else None,
-                       tokens_per_round=total / sum(st.rounds for st in stats),
-                       rounds=sum(st.rounds for st in stats), draft_forwards=sum(st.draft_forwards for st in stats))
+                       tokens_per_round=total / rounds, rounds=rounds,
+                       draft_forwards=sum(st.draft_forwards for st in stats), round_ms=1e3 * s / rounds)
         rows.append(row)
-    eu = {g: _eu_share(est, seconds, results, g, prompts) for g in (0, *gammas)}
-    # plain+EU − plain = one draft step + one EU call per token: the drafts' cost per target token
-    step = (seconds["plain+EU"] - seconds["plain"]) / total - eu[0]["eu_call_ms"] / 1e3
-    return {"rows": rows, "eu": eu, "draft_step_cost": step / (seconds["plain"] / total),
+    costs = step_costs(target, drafts, prompts[0], gammas)
+    predicted = {g: g * costs["draft_1"] + costs[f"target_{g + 1}"] for g in gammas}
+    return {"rows": rows, "eu": {g: _eu_share(est, seconds, results, g) for g in (0, *gammas)},
+            "steps": {"ms": costs, "predicted_round_ms": predicted},
             "config": {"new_tokens": new_tokens, "prompts": len(prompts), "prompt_tokens": [p.shape[1] for p in prompts],
                        "repeats": repeats, "gammas": list(gammas), "proposal": proposal,
                        "num_drafts": drafts.num_drafts, "shared_layers": drafts.shared_layers,
@@ -219,84 +257,103 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
                        "vocab": drafts.vocab_size}}
 
 
-def _assisted(target, assistant, prompt, gamma, new_tokens):
+def _assisted(target: nn.Module, assistant: nn.Module, prompt: torch.Tensor, gamma: int, new_tokens: int):
     config = assistant.generation_config
     config.num_assistant_tokens, config.num_assistant_tokens_schedule = gamma, "constant"
-    config.assistant_confidence_threshold = 0.0  # always propose γ tokens, as epikern does
+    config.assistant_confidence_threshold = 0.0  # always γ candidates, as epikern proposes
     return target.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), assistant_model=assistant,
                            max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
-def _eu_share(est: DraftEstimator, seconds: dict, results: dict, gamma: int, prompts) -> dict:
-    """EU's share of a round: from the medians with and without EU, and from one timed EU call at the
-    round's mean shape (drafts [K, 1, tokens per round, V] against the target)."""
+def _eu_share(est: DraftEstimator, seconds: dict, results: dict, gamma: int, reps: int = 20) -> dict:
     on, off = ("plain+EU", "plain") if gamma == 0 else (f"spec+EU γ={gamma}", f"spec γ={gamma}")
     stats = [o.stats for o in results[on]]
     rounds = sum(st.rounds for st in stats)
-    per_round = max(1, round(sum(len(st.accepted) + sum(st.accepted) for st in stats) / rounds))
+    width = max(1, round(sum(st.rounds + sum(st.accepted) for st in stats) / rounds))  # tokens scored a round
     K, V = est.drafts.num_drafts, est.drafts.vocab_size
     gen = torch.Generator().manual_seed(0)
-    draft_logits = 4 * torch.randn(K, 1, per_round, V, generator=gen)
-    target_logits = 4 * torch.randn(1, per_round, V, generator=gen)
-    call = lambda: ek.draft_uncertainty(draft_logits, target_logits, backend=est.backend)  # noqa: E731
-    call()
-    reps = 20
+    draft_logits, target_logits = 4 * torch.randn(K, 1, width, V, generator=gen), 4 * torch.randn(1, width, V, generator=gen)
+    ek.draft_uncertainty(draft_logits, target_logits, backend=est.backend)
     t0 = time.perf_counter()
     for _ in range(reps):
-        call()
-    eu_call = (time.perf_counter() - t0) / reps
+        ek.draft_uncertainty(draft_logits, target_logits, backend=est.backend)
+    call_s = (time.perf_counter() - t0) / reps
     round_s = seconds[on] / rounds
-    return {"share_from_medians": (seconds[on] - seconds[off]) / seconds[on], "share_direct": eu_call / round_s,
-            "round_ms": 1e3 * round_s, "eu_call_ms": 1e3 * eu_call, "tokens_per_round": per_round}
+    return {"share_from_medians": (seconds[on] - seconds[off]) / seconds[on], "share_of_call": call_s / round_s,
+            "round_ms": 1e3 * round_s, "eu_call_ms": 1e3 * call_s, "tokens_scored": width}
 
 
 # ------------------------------------------------------------------------------------------------
 # report
 
 
+def machine_info() -> dict:
+    """CPU model (``lscpu``), cores, torch threads and versions, load average now."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        cpu = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "loadavg_start": os.getloadavg()[0]}
+
+
+HEADER = ("| variant | γ | tokens/s | vs hf | acceptance | tokens/round | round ms | draft steps | same tokens as hf |\n"
+          "|---|---|---|---|---|---|---|---|---|")
+
+
 def format_table(result: dict) -> str:
-    """Markdown tables: one row per variant, then EU's share of a round per γ."""
-    lines = ["| variant | γ | tokens/s | vs hf | acceptance | tokens/round | draft steps | same tokens as hf |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown: one row per variant; EU's share of a round per γ; the step costs."""
+    lines = [HEADER]
     for r in result["rows"]:
-        acc = "" if r.get("acceptance") is None else f"{r['acceptance']:.2f}"
-        tpr = "" if "tokens_per_round" not in r else f"{r['tokens_per_round']:.2f}"
-        steps = "" if "draft_forwards" not in r else str(r["draft_forwards"])
+        acc = "–" if r.get("acceptance") is None else f"{r['acceptance']:.2f}"
+        extra = ["–", "–", "–"] if "rounds" not in r else \
+            [f"{r['tokens_per_round']:.2f}", f"{r['round_ms']:.1f}", str(r["draft_forwards"])]
         lines.append(f"| {r['variant']} | {r['gamma'] or '–'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acc} | "
-                     f"{tpr} | {steps} | {'yes' if r['same_tokens'] else '**no**'} |")
-    lines += ["", "| γ | EU share of a round (medians) | EU share (one timed call) | round ms | EU call ms |",
+                     f"{' | '.join(extra)} | {'yes' if r['same_tokens'] else '**no**'} |")
+    lines += ["", "| γ | EU share of a round (with − without EU) | one EU call ÷ round | round ms (EU on) | EU call ms |",
               "|---|---|---|---|---|"]
     for g, e in result["eu"].items():
-        lines.append(f"| {g} | {100 * e['share_from_medians']:.1f} % | {100 * e['share_direct']:.1f} % | "
-                     f"{e['round_ms']:.1f} | {e['eu_call_ms']:.2f} |")
+        lines.append(f"| {g or '0 (plain: drafts + EU)'} | {100 * e['share_from_medians']:.1f} % | "
+                     f"{100 * e['share_of_call']:.1f} % | {e['round_ms']:.1f} | {e['eu_call_ms']:.2f} |")
+    ms, pred = result["steps"]["ms"], result["steps"]["predicted_round_ms"]
+    lines += ["", "Step costs at the prompt's context (ms): target 1 token " + f"{ms['target_1']:.1f}, "
+              + ", ".join(f"target {g + 1} tokens {ms[f'target_{g + 1}']:.1f}" for g in pred)
+              + f"; all K drafts 1 token {ms['draft_1']:.1f} ({ms['draft_1'] / ms['target_1']:.2f}× the target), "
+              f"2 tokens {ms['draft_2']:.1f}. Predicted speculative round γ·draft + verify (ms): "
+              + ", ".join(f"γ={g}: {v:.1f}" for g, v in pred.items()) + "."]
     return "\n".join(lines)
 
 
-def _prompts(target_spec: str, tokenizer, vocab: int, count: int, length: int) -> list[torch.Tensor]:
-    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        out = []
-        for text in PROMPTS[:count]:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                return_tensors="pt", return_dict=True)["input_ids"]
-            out.append(ids)
-        return out
-    if tokenizer is not None:
-        return [tokenizer(text, return_tensors="pt")["input_ids"] for text in PROMPTS[:count]]
-    gen = torch.Generator().manual_seed(1)
-    return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(count)]
+def _prompts(tokenizer, vocab: int, count: int, length: int, dataset: str) -> list[torch.Tensor]:
+    """Batch-1 prompts: GSM8K test questions or synthetic problems through the project's prompt
+    format (:func:`epikern.data.encode_prompt`), or random ids for a target without tokenizer."""
+    if tokenizer is None:
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randint(0, vocab, (1, length), generator=gen) for _ in range(count)]
+    from ..data import encode_prompt, generate_problems, load_gsm8k
+
+    problems = load_gsm8k("test", limit=count) if dataset == "gsm8k" else generate_problems(count, seed=12345)
+    return [torch.tensor([encode_prompt(tokenizer, p.question)]) for p in problems]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="epikern bench speculative", description=__doc__.split("\n\n")[0])
     parser.add_argument("--target", default="tiny", help="tiny (random, built here), smollm2, an HF directory or a .gguf")
-    parser.add_argument("--drafts", type=Path, help="a DraftEnsemble directory (default: early-exit drafts of the target)")
+    parser.add_argument("--drafts", default=None,
+                        help="a DraftEnsemble directory, or 'self' (the target itself as one draft: every proposal "
+                             "right, as costly as the target); default: early-exit drafts of the target")
     parser.add_argument("--num-drafts", type=int, default=4, help="K of the early-exit drafts")
     parser.add_argument("--shared-layers", type=int, default=None, help="S of the early-exit drafts (default L/4)")
     parser.add_argument("--branch-layers", type=int, default=None, help="b of the early-exit drafts (default L/8, ≥ 1)")
     parser.add_argument("--gammas", type=int, nargs="+", default=list(GAMMAS))
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=2, help="prompts (batch 1 each)")
-    parser.add_argument("--prompt-length", type=int, default=64, help="random prompt length for a target without tokenizer")
+    parser.add_argument("--dataset", choices=("gsm8k", "synthetic"), default=None,
+                        help="questions for a target with a tokenizer (default: gsm8k for a chat template, else synthetic)")
+    parser.add_argument("--prompt-length", type=int, default=64, help="random prompt length for the tiny random target")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--proposal", default="mixture", help="'mixture' or a draft index")
     parser.add_argument("--no-assisted", action="store_true", help="skip transformers' assisted generation")
@@ -306,37 +363,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     proposal = args.proposal if args.proposal == "mixture" else int(args.proposal)
-    if args.target == "tiny":
-        target, tokenizer = tiny_target(), None
-    else:
-        target, tokenizer = load_causal_lm(args.target)
+    target, tokenizer = (tiny_target(), None) if args.target == "tiny" else load_causal_lm(args.target)
     L = target.config.num_hidden_layers
-    if args.drafts is not None:
-        drafts = DraftEnsemble.from_pretrained(str(args.drafts))
-        how = f"DraftEnsemble from {args.drafts}"
+    if args.drafts == "self":
+        drafts, how = DraftEnsemble.from_models([target], L), "the target itself as one draft"
+    elif args.drafts is not None:
+        drafts, how = DraftEnsemble.from_pretrained(args.drafts), f"DraftEnsemble {args.drafts}"
     else:
         S = L // 4 if args.shared_layers is None else args.shared_layers
         b = max(1, L // 8) if args.branch_layers is None else args.branch_layers
         drafts = early_exit_drafts(target, args.num_drafts, S, b)
-        how = f"early-exit drafts of the target: trunk = its first {S} layers, each branch {b} of its later layers"
-    prompts = _prompts(args.target, tokenizer, target.config.vocab_size, args.prompts, args.prompt_length)
-    machine = _machine()
+        how = f"early-exit drafts of the target (its first {S} layers shared, then {b} of its later layers each)"
+    chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
+    dataset = args.dataset or ("gsm8k" if chat else "synthetic")
+    prompts = _prompts(tokenizer, target.config.vocab_size, args.prompts, args.prompt_length, dataset)
+    machine = machine_info()
     result = measure(target, drafts, prompts, gammas=args.gammas, new_tokens=args.new_tokens, repeats=args.repeats,
                      proposal=proposal, assisted=not args.no_assisted)
-    machine["loadavg_end"] = _machine()["loadavg_start"]
+    machine["loadavg_end"] = os.getloadavg()[0]
     c = result["config"]
-    print(f"\nSpeculative decoding with EU, target {args.target} ({L} layers, V={c['vocab']}), {how} "
-          f"(K={c['num_drafts']}, S={c['shared_layers']}, {c['draft_layers']} layers each), greedy, batch 1, "
-          f"{c['prompts']} prompt(s) of {c['prompt_tokens']} tokens × {c['new_tokens']} new tokens, proposal "
-          f"{c['proposal']}, median of {c['repeats']} (round-robin). {machine['cpu']}, {machine['cores']} cores, "
-          f"torch {machine['torch']} ({args.threads} thread(s)), transformers {transformers.__version__}, load average "
-          f"{machine['loadavg_start']:.2f} → {machine['loadavg_end']:.2f}. One draft step costs "
-          f"{result['draft_step_cost']:.2f}× one target token.\n")
+    print(f"\nSpeculative decoding with EU: target {args.target} ({L} layers, V={c['vocab']}), {how}: K={c['num_drafts']}, "
+          f"S={c['shared_layers']}, {c['draft_layers']} layers each; greedy, batch 1, {c['prompts']} prompt(s) of "
+          f"{c['prompt_tokens']} tokens ({dataset if tokenizer is not None else 'random ids'}) × {c['new_tokens']} new "
+          f"tokens, proposal {c['proposal']}, median of {c['repeats']} (round-robin). {machine['cpu']}, "
+          f"{machine['cores']} cores, torch {machine['torch']} ({args.threads} thread(s)), transformers "
+          f"{transformers.__version__}, load average {machine['loadavg_start']:.2f} → {machine['loadavg_end']:.2f}.\n")
     print(format_table(result))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "versions": {"transformers": transformers.__version__,
-                                         "python": platform.python_version()}, "target": args.target,
-                                         "drafts": how, **result}, indent=2, default=str))
+        args.json.write_text(json.dumps({"machine": machine, "target": args.target, "drafts": how, "dataset": dataset,
+                                         **result}, indent=2, default=str))
     return 0
 
 
