@@ -1,52 +1,100 @@
-// Fused CPU kernel of epikern::draft_uncertainty (math: epikern/online_softmax.h).
+// Fused CPU kernel of epikern::draft_uncertainty (math: epikern/online_softmax.h; vector code:
+// simd.h).
 //
 // Inputs: K draft rows and (optionally) one reference row per token, logits of dtype fp32, fp16
 // or bf16 read in place with unit stride over V and arbitrary (int64) strides over K and N.
 // Outputs, float32: stats[6, N] (eu, jsd, kl, draft_entropy, mixture_entropy, target_entropy),
 // draft_lse[K, N], target_lse[N].
 //
-// OpenMP over rows (schedule static: each row is computed by one thread in a fixed order, so the
-// results do not depend on the thread count); with fewer than kSplitRows rows and V ≥ 2·kSplitSpan
-// over (row, vocabulary span) items instead, partial states merged in span order. Per row/span:
-//   sweep 1: blocks of kBlock1 entries, ONE vectorised pass per distribution and block: convert
-//            to fp32 · 1/T (kept in an L1 buffer), take e^{x − origin} with the origin = the max
-//            of the earlier blocks, accumulate s, t and the cross term c against the reference
-//            and the block max, then move the origin to the new max (accumulate_lazy).
-//   sweep 2 (decompose only): re-reads the row (still in L2) in blocks of block2 entries: l_k into
-//            an L1 buffer, then for K ≤ 8 one vectorised pass with an entry's K values in registers
-//            (mixture_terms of the header), for larger K the same stages as loops over k.
-// The kernel returns the number of logit elements it read: (K + has_p)·N·V per sweep.
+// OpenMP over rows (each row computed by one thread in a fixed order, so the results do not
+// depend on the thread count); with fewer than kSplitRows rows and V ≥ 2·kSplitSpan over
+// (row, vocabulary span) items instead, partial states merged in span order. Per row/span:
+//
+//   sweep 1: blocks of kBlock entries, ONE vectorised pass per distribution and block: e^{x − r}
+//            with the origin r = the max of the earlier blocks (one exponential per logit),
+//            accumulating s, t, the cross term c against the reference and the block max; the
+//            origin then moves to the new max (a block that starts a row, or rises more than
+//            kMaxAhead above the origin, is redone from its own max). With the split, when the
+//            row's (or the few rows') K·V exponentials fit the cache budget (`keep_bytes`), the
+//            drafts' e^{x − r} are KEPT in a per-thread buffer with their block origins r.
+//   sweep 2 (decompose only), per entry v, drafts with w_k > 0:
+//            w_k q_kv = kept e_kv · w_k e^{r_kb − lse_k}   (one multiply; no exponential)
+//                       or e^{log w_k + x_kv − lse_k}      (one exponential, when not kept)
+//            q̄_v = Σ_k w_k q_kv,  log q̄_v (the one logarithm per entry),
+//            jsd += Σ_k w_k q_kv (log q_kv − log q̄_v),  H(q̄) −= q̄_v log q̄_v,
+//            KL(q̄ ‖ p) += q̄_v (log q̄_v − y_v + lse_p).
+//            So the split costs K + 1 exponentials and one logarithm per entry in all (the floor
+//            of an exact method) when kept, 2K + 1 and one otherwise (the old kernel: 2K + 2).
+//            q̄ is summed in linear space: the w_k q_k are normalised probabilities (≤ 1, no
+//            overflow; the sum has no cancellation), and an entry whose q̄ underflows (< 1e-38)
+//            changes no output by more than 1e-36 — the log-sum-exp form of the header
+//            (mixture_terms, used by the CUDA kernel) would cost one more exponential per entry.
+//            Blocks go from the end of the row backwards: sweep 1 read the end last, so the
+//            re-read comes mostly from cache.
+//
+// The kernel returns its work: logit elements read ((K + has_p)·N·V in sweep 1, the same minus
+// the drafts with w_k = 0 in sweep 2) and the
+// exponentials and logarithms it evaluated in the vector loops (the per-block scalar rescales
+// are not counted).
+#include <omp.h>
 #include <pybind11/pybind11.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <utility>
+#include <memory>
+#include <stdexcept>
 #include <vector>
 
 #include "dtype.h"
 #include "epikern/online_softmax.h"
-#include "fast_math.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
 namespace epikern::cpu {
 namespace {
 
-constexpr int64_t kBlock1 = 2048;       // sweep-1 block (two 8 KiB buffers)
-constexpr int64_t kSweep2Floats = 8192;  // sweep-2 scratch budget (32 KiB): (2K + 5)·block floats
-constexpr int kMaxFixedK = 8;            // sweep 2 keeps K ≤ 8 values per entry in registers
-constexpr int64_t kSplitRows = 8;        // fewer rows: split the vocabulary across threads
-constexpr int64_t kSplitSpan = 8 * kBlock1;  // vocabulary span of one work item when split
+namespace S = simd;
+using S::vf;
+constexpr int64_t W = S::kWidth;
 
-struct FastExp {
-  EPIKERN_INLINE float operator()(float x) const { return fast_exp(x); }
+constexpr int64_t kBlock = 2048;             // sweep-1 block: one origin per draft and block
+constexpr int64_t kSplitRows = 8;            // fewer rows: split the vocabulary across threads
+constexpr int64_t kSplitSpan = 8 * kBlock;   // vocabulary span of one work item when split
+// Default budget of kept exponentials (4 bytes per draft and entry) per row, or for all rows of
+// the split path: a row of a few drafts over a 32k-128k vocabulary, which stays in L2/L3
+// between the sweeps (see benchmarks for the measurement that set it).
+constexpr int64_t kKeepBytes = int64_t{4} << 20;
+// Not kept: sweep 2 computes the w_k q_k of a stretch of entries first, ≤ this many floats.
+constexpr int64_t kStretchFloats = 4096;
+// How far above the current origin a block may reach before it is redone from its own max. It
+// keeps the sums far from overflow (kBlock · e^16 · 16 ≪ FLT_MAX), keeps e^{x − r} inside the
+// range of simd::exp, and bounds the cancellation in the rescale t' = a·(t + (m − m')·s) of the
+// block's own terms to ≈ ε·16 relative.
+constexpr float kMaxAhead = 16.f;
+// x − r (and log q) are clamped here (NaN kept): e^{−104} = 0 in fp32, so e·(x − r) = 0 for
+// x = −inf without a 0·(−inf), and nothing with a nonzero probability is clamped.
+constexpr float kFloor = -104.f;
+
+int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
+int64_t blocks_of(int64_t span) { return (span + kBlock - 1) / kBlock; }
+
+struct LibmExp {
+  float operator()(float x) const { return std::exp(x); }
 };
-// Sweep 2 takes logs of S = Σ_k e^{l_k − max_k l_k} ∈ [1, K] only (NaN rows stay NaN through
-// q̄ = S·e^r and the jsd terms), so the log without special cases suffices.
-struct FastLogGe1 {
-  EPIKERN_INLINE float operator()(float x) const { return fast_log_normal(x); }
+
+// Work of one call (or thread).
+struct Work {
+  int64_t read = 0, exps = 0, logs = 0;
+  Work& operator+=(const Work& o) {
+    read += o.read;
+    exps += o.exps;
+    logs += o.logs;
+    return *this;
+  }
 };
+#pragma omp declare reduction(+ : Work : omp_out += omp_in)
 
 struct Args {
   const void* draft;
@@ -62,205 +110,254 @@ struct Args {
   int64_t draft_lse_stride_k, draft_lse_stride_n;
   float* target_lse;
   int64_t target_lse_stride_n;
+  int64_t keep_bytes;
 };
 
-// dst[i] = src[i] · inv_t for i < len; returns the max of dst (NaN ignored, −inf if none finite).
+// ---- sweep 1 --------------------------------------------------------------------------------------
+
+// Sums of one vectorised pass over a block, relative to the origin r (x = logit / T).
+struct PassSums {
+  float s, t, c;  // Σ e, Σ e·(x − r), Σ e·(x − y) with e = e^{x − r}
+  float max;      // block max of x (NaN ignored; −inf if none finite)
+  float ymin;     // kStoreY: min of the stored x (−inf present: the drafts guard their cross term)
+};
+
+// One pass over src[0, len) relative to r. kCross: cross term against the scaled reference y
+// (kGuard: y holds −inf, so e = 0 must give 0, not 0·inf). kKeep: e^{x − r} to out. kStoreY
+// (the reference itself): x to out, and 0 in the padding lanes after len.
+template <class T, bool kCross, bool kGuard, bool kKeep, bool kStoreY>
+PassSums pass1(const T* __restrict src, int64_t len, float inv_t, float r, const float* __restrict y,
+               float* __restrict out) {
+  const vf vinv = S::splat(inv_t), vr = S::splat(r), vnr = S::splat(-r), lo = S::splat(kFloor);
+  vf s{}, t{}, c{}, mx = S::splat(-INFINITY), mn = S::splat(INFINITY);
+  const auto step = [&](vf v, int64_t i) {
+    mx = S::max_skip_nan(mx, v);
+    const vf d = S::max_keep_nan(lo, v * vinv + vnr);
+    const vf e = S::exp(d);
+    s += e;
+    t += e * d;
+    if constexpr (kCross) {
+      const vf u = e * ((d + vr) - S::load(y + i));
+      c += kGuard ? S::where_nonzero(e, u) : u;
+    }
+    if constexpr (kKeep) S::store(out + i, e);
+    if constexpr (kStoreY) {
+      const vf x = v * vinv;
+      mn = S::min_skip_nan(mn, x);
+      S::store(out + i, x);
+    }
+  };
+  int64_t i = 0;
+  for (; i + W <= len; i += W) step(S::load(src + i), i);
+  float ymin = S::hmin(mn);
+  if (i < len) {
+    const vf tail = S::load_partial(src + i, len - i, -INFINITY);
+    if constexpr (kStoreY) mn = S::splat(INFINITY);
+    step(tail, i);
+    if constexpr (kStoreY) {
+      for (int64_t j = i; j < len; ++j) ymin = out[j] < ymin ? out[j] : ymin;
+      for (int64_t j = len; j < i + W; ++j) out[j] = 0.f;  // finite y: no 0·inf in the drafts
+    }
+  }
+  return {S::hsum(s), S::hsum(t), S::hsum(c), S::hmax(mx) * inv_t, ymin};
+}
+
 template <class T>
-EPIKERN_INLINE float load_scaled(const T* __restrict src, int64_t len, float inv_t, float* __restrict dst) {
-  float mx = -INFINITY;
-#pragma omp simd reduction(max : mx)
-  for (int64_t i = 0; i < len; ++i) {
-    const float v = to_float(src[i]) * inv_t;
-    dst[i] = v;
-    mx = v > mx ? v : mx;
-  }
-  return mx;
+float block_max(const T* __restrict src, int64_t len) {
+  vf mx = S::splat(-INFINITY);
+  int64_t i = 0;
+  for (; i + W <= len; i += W) mx = S::max_skip_nan(mx, S::load(src + i));
+  if (i < len) mx = S::max_skip_nan(mx, S::load_partial(src + i, len - i, -INFINITY));
+  return S::hmax(mx);
 }
 
-// Adds a block x[0, len) whose max is `block_max` to `st` (its cross term against y when kCross):
-// origin moved to the block max first, then one vectorised pass.
-template <bool kCross>
-inline void accumulate(SoftmaxState& st, float block_max, const float* __restrict x,
-                       const float* __restrict y, int64_t len) {
-  softmax_rescale(st, block_max, FastExp{});
-  const float r = exp_origin(st.m);
-  float s = 0.f, t = 0.f, c = 0.f;
-#pragma omp simd reduction(+ : s, t, c)
-  for (int64_t i = 0; i < len; ++i) {
-    const SoftmaxTerms d = softmax_terms(x[i], kCross ? y[i] : x[i], r, FastExp{});
-    s += d.e;
-    t += d.t;
-    if (kCross) c += d.c;
+// Adds the block src[0, len) to `st` (lazy origin, see the file comment); returns the origin r of
+// the pass that counted (the exponent origin of the kept e values) and adds its exponentials to
+// `exps`. `ymin` receives the reference's block min when kStoreY.
+template <class T, bool kCross, bool kGuard, bool kKeep, bool kStoreY>
+float accumulate(SoftmaxState& st, const T* src, int64_t len, float inv_t, const float* y, float* out,
+                 int64_t& exps, float* ymin) {
+  float r;
+  PassSums b;
+  const bool fresh = st.m == -INFINITY;  // no origin yet: take the block's own max
+  if (fresh) {
+    r = exp_origin(block_max(src, len) * inv_t);
+    b = pass1<T, kCross, kGuard, kKeep, kStoreY>(src, len, inv_t, r, y, out);
+    exps += len;
+  } else {
+    r = st.m;
+    b = pass1<T, kCross, kGuard, kKeep, kStoreY>(src, len, inv_t, r, y, out);
+    exps += len;
+    if (b.max > r + kMaxAhead) {  // rare: a jump of the max
+      r = b.max;
+      b = pass1<T, kCross, kGuard, kKeep, kStoreY>(src, len, inv_t, r, y, out);
+      exps += len;
+    }
   }
-  st.s += s;
-  st.t += t;
-  st.c += c;
+  if (kStoreY) *ymin = b.ymin;
+  if (!fresh && r == st.m) {  // the common case: add at the shared origin, then move it
+    st.s += b.s;
+    st.t += b.t;
+    st.c += b.c;
+    if (b.max > st.m) softmax_rescale(st, b.max, LibmExp{});
+  } else {  // st is empty (or all −inf/NaN so far), or the block was redone at r = its max
+    if (b.max > st.m) softmax_rescale(st, b.max, LibmExp{});
+    st.s += b.s;
+    st.t += b.t;
+    st.c += b.c;
+  }
+  return r;
 }
 
-// How far above the current origin a block may reach before it is redone from its own max. It
-// keeps the sums far from overflow (kBlock1 · e^16 · 16 ≪ FLT_MAX) and bounds the cancellation in
-// the rescale t' = a·(t + (m − m')·s) of the block's own terms to ≈ ε·16 relative.
-constexpr float kMaxAhead = 16.f;
+// ---- sweep 2 --------------------------------------------------------------------------------------
 
-// Adds the block src[0, len) · inv_t to `st` in ONE pass over the logits: the exponentials are
-// taken relative to the current origin (the max of the earlier blocks) while the block max is
-// gathered, and the origin moves to the new max afterwards (the rescale of the header). Elements
-// more than 87 below the origin flush to 0: they are below e^-87 of the row's largest term. The
-// scaled values are kept in `x` (L1); a block that starts a row (no origin yet), or that rises
-// more than kMaxAhead above the origin, is redone from `x` with its own max as the origin.
-template <bool kCross, class T>
-inline void accumulate_lazy(SoftmaxState& st, const T* __restrict src, int64_t len, float inv_t,
-                            float* __restrict x, const float* __restrict y) {
-  if (st.m == -INFINITY) {
-    accumulate<kCross>(st, load_scaled(src, len, inv_t, x), x, y, len);
-    return;
-  }
-  const float r = exp_origin(st.m);
-  float s = 0.f, t = 0.f, c = 0.f, mx = -INFINITY;
-#pragma omp simd reduction(+ : s, t, c) reduction(max : mx)
-  for (int64_t i = 0; i < len; ++i) {
-    const float v = to_float(src[i]) * inv_t;
-    x[i] = v;
-    mx = v > mx ? v : mx;
-    const SoftmaxTerms d = softmax_terms(v, kCross ? y[i] : v, r, FastExp{});
-    s += d.e;
-    t += d.t;
-    if (kCross) c += d.c;
-  }
-  if (mx > r + kMaxAhead) {  // rare: a jump of the max by more than kMaxAhead
-    accumulate<kCross>(st, mx, x, y, len);
-    return;
-  }
-  st.s += s;
-  st.t += t;
-  st.c += c;
-  softmax_rescale(st, mx, FastExp{});
-}
-
-// Per-thread scratch, sized once per call.
-struct Scratch {
-  std::vector<float> x, y;           // sweep 1: one draft block; sweeps 1/2: the reference block
-  std::vector<float> l, e;           // sweep 2: K × block2 log-weights l_k; e^{l_k − r} if K > 8
-  std::vector<float> r, S, J, lq;    // sweep 2, K > kMaxFixedK: per entry origin, Σ e_k, Σ jsd, log q̄
-  Scratch(int64_t K, int64_t block2)
-      : x(kBlock1), y(std::max(kBlock1, block2)), l(K * block2), e(K > kMaxFixedK ? K * block2 : 0),
-        r(K > kMaxFixedK ? block2 : 0), S(r.size()), J(r.size()), lq(r.size()) {}
-};
-
-// Sweep-2 sums over one block of entries.
 struct MixtureSums {
   float jsd, entropy, kl;
 };
 
-// Sums of the sweep-2 terms over entries [0, len) of a block, from l_k in sc.l (row k at
-// k·ld), the reference block in sc.y (kHasP) and the K log-weights.
-using MixtureBlockFn = MixtureSums (*)(Scratch& sc, int64_t ld, int64_t K, const float* log_w,
-                                       float lse_p, int64_t len);
+// What sweep 2 needs of one draft with w_k > 0 over one stretch of entries.
+template <class TD>
+struct DraftBlock {
+  const TD* x;     // logits
+  const float* e;  // e_k with w_k q_k = e_k·f: the kept e^{x − r}, or w_k q_k itself (f = 1)
+  float f;         // w_k e^{r − lse_k} (kept), or 1
+  float neg_lse;   // −lse_k
+};
 
-// K ≤ kMaxFixedK: one vectorised pass, the K values of an entry in registers (mixture_terms).
-template <int K, bool kHasP>
-MixtureSums mixture_block_fixed(Scratch& sc, int64_t ld, int64_t, const float* log_w, float lse_p,
-                                int64_t len) {
-  float lw[K];
-  for (int k = 0; k < K; ++k) lw[k] = log_w[k];
-  const float* __restrict lb = sc.l.data();
-  const float* __restrict yb = sc.y.data();
-  float bj = 0.f, bh = 0.f, bk = 0.f;
-#pragma omp simd reduction(+ : bj, bh, bk)
-  for (int64_t i = 0; i < len; ++i) {
-    const MixtureTerms mt = mixture_terms(lb + i, ld, lw, K, kHasP, kHasP ? yb[i] : 0.f, lse_p,
-                                          FastExp{}, FastLogGe1{});
-    bj += mt.jsd;
-    bh += mt.entropy;
-    bk += mt.kl;
-  }
-  return {bj, bh, bk};
-}
+// Two accumulators per loop (the loops are short: one FMA chain would bound them by its latency).
+struct Acc2 {
+  vf a{}, b{};
+  float sum() const { return S::hsum(a + b); }
+};
 
-// Any K: the stages of mixture_terms as loops over k outside and entries inside.
-template <bool kHasP>
-MixtureSums mixture_block_staged(Scratch& sc, int64_t ld, int64_t K, const float* log_w,
-                                 float lse_p, int64_t len) {
-  float* __restrict rb = sc.r.data();
-  float* __restrict Sb = sc.S.data();
-  float* __restrict Jb = sc.J.data();
-  float* __restrict lqb = sc.lq.data();
-  const float* __restrict yb = sc.y.data();
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) {
-    rb[i] = -INFINITY;
-    Sb[i] = 0.f;
-    Jb[i] = 0.f;
+// Sweep-2 sums over entries [0, len) of one stretch, in L1-sized passes that keep few values
+// live (16 vector registers on AVX2 do not hold K drafts' constants and the accumulators):
+//   A: q̄ = Σ_k e_k f_k into qbar, then log q̄ into lq with H(q̄) and KL(q̄ ‖ p);
+//   B, per draft: Σ e_k (log q_k − log q̄), times f_k (f is constant over the stretch).
+// qbar and lq hold round_up(len) floats.
+template <bool kHasP, class TD, class TP>
+MixtureSums mixture_block(const DraftBlock<TD>* dk, int64_t kd, const TP* __restrict yp, float inv_t,
+                          float lse_p, int64_t len, float* __restrict qbar, float* __restrict lq) {
+  const int64_t full = len / W * W, n = len - full;  // n: entries of the last, partial vector
+  const vf vinv = S::splat(inv_t), lo = S::splat(kFloor);
+  for (int64_t k = 0; k < kd; ++k) {  // A1
+    const float* __restrict e = dk[k].e;
+    const vf f = S::splat(dk[k].f);
+    for (int64_t i = 0; i < full; i += W) S::store(qbar + i, (k ? S::load(qbar + i) : vf{}) + S::load(e + i) * f);
+    if (n) S::store(qbar + full, (k ? S::load(qbar + full) : vf{}) + S::load_partial(e + full, n, 0.f) * f);
   }
-  for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict lk = sc.l.data() + k * ld;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) rb[i] = lk[i] > rb[i] ? lk[i] : rb[i];
+  Acc2 H, KL;  // A2
+  const vf vlse_p = S::splat(lse_p);
+  const auto entropy_kl = [&](vf q, vf y, vf& h, vf& kl, float* out) {
+    const vf l = S::log(q);  // finite for q̄ = 0, whose terms are 0 below
+    S::store(out, l);
+    h += q * l;
+    if (kHasP) kl += S::where_nonzero(q, q * ((l + vlse_p) - y * vinv));
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= full; i += 2 * W) {
+    entropy_kl(S::load(qbar + i), kHasP ? S::load(yp + i) : vf{}, H.a, KL.a, lq + i);
+    entropy_kl(S::load(qbar + i + W), kHasP ? S::load(yp + i + W) : vf{}, H.b, KL.b, lq + i + W);
   }
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) rb[i] = exp_origin(rb[i]);
-  for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict lk = sc.l.data() + k * ld;
-    float* __restrict ek = sc.e.data() + k * ld;
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) {
-      ek[i] = fast_exp(lk[i] - rb[i]);
-      Sb[i] += ek[i];
+  if (i < full) entropy_kl(S::load(qbar + i), kHasP ? S::load(yp + i) : vf{}, H.a, KL.a, lq + i);
+  if (n) entropy_kl(S::load(qbar + full), kHasP ? S::load_partial(yp + full, n, 0.f) : vf{}, H.b, KL.b, lq + full);
+  float jsd = 0.f;
+  for (int64_t k = 0; k < kd; ++k) {  // B
+    const TD* __restrict x = dk[k].x;
+    const float* __restrict e = dk[k].e;
+    const vf neg_lse = S::splat(dk[k].neg_lse);
+    // e·(log q_k − log q̄), log q_k clamped at kFloor (where e = 0: no 0·(−inf))
+    const auto term = [&](vf xv, int64_t j, vf ev) { return ev * (S::max_keep_nan(lo, xv * vinv + neg_lse) - S::load(lq + j)); };
+    Acc2 J;
+    int64_t j = 0;
+    for (; j + 2 * W <= full; j += 2 * W) {
+      J.a += term(S::load(x + j), j, S::load(e + j));
+      J.b += term(S::load(x + j + W), j + W, S::load(e + j + W));
     }
+    if (j < full) J.a += term(S::load(x + j), j, S::load(e + j));
+    if (n) J.b += term(S::load_partial(x + full, n, -INFINITY), full, S::load_partial(e + full, n, 0.f));
+    jsd += prob_times(dk[k].f, J.sum());
   }
-#pragma omp simd
-  for (int64_t i = 0; i < len; ++i) lqb[i] = rb[i] + fast_log_normal(Sb[i]);  // S ∈ [1, K]
-  for (int64_t k = 0; k < K; ++k) {
-    const float* __restrict lk = sc.l.data() + k * ld;
-    const float* __restrict ek = sc.e.data() + k * ld;
-    const float lw = log_w[k];
-#pragma omp simd
-    for (int64_t i = 0; i < len; ++i) Jb[i] += mixture_jsd_term(ek[i], lk[i], lw, lqb[i]);
-  }
-  float bj = 0.f, bh = 0.f, bk = 0.f;
-#pragma omp simd reduction(+ : bj, bh, bk)
-  for (int64_t i = 0; i < len; ++i) {
-    const MixtureTerms mt = mixture_finish(rb[i], Sb[i], Jb[i], lqb[i], kHasP,
-                                           kHasP ? yb[i] : 0.f, lse_p, FastExp{});
-    bj += mt.jsd;
-    bh += mt.entropy;
-    bk += mt.kl;
-  }
-  return {bj, bh, bk};
+  return {jsd, -H.sum(), KL.sum()};
 }
 
-template <bool kHasP, int... Ks>
-MixtureBlockFn select_mixture_block(int64_t K, std::integer_sequence<int, Ks...>) {
-  MixtureBlockFn fn = mixture_block_staged<kHasP>;
-  ((K == Ks + 1 ? (fn = mixture_block_fixed<Ks + 1, kHasP>, 0) : 0), ...);
-  return fn;
+// The not-kept case: w_k q_k = e^{log w_k + log q_k} of one stretch into e (K rows of ld floats).
+template <class TD>
+void mixture_weights(DraftBlock<TD>* dk, int64_t kd, const float* log_w, float inv_t, int64_t len,
+                     float* __restrict e, int64_t ld) {
+  const vf vinv = S::splat(inv_t), lo = S::splat(kFloor);
+  for (int64_t k = 0; k < kd; ++k) {
+    const TD* __restrict x = dk[k].x;
+    float* __restrict ek = e + k * ld;
+    const vf neg_lse = S::splat(dk[k].neg_lse), lw = S::splat(log_w[k]);
+    int64_t i = 0;
+    for (; i + W <= len; i += W) S::store(ek + i, S::exp(S::max_keep_nan(lo, S::load(x + i) * vinv + neg_lse) + lw));
+    if (i < len)
+      S::store(ek + i, S::exp(S::max_keep_nan(lo, S::load_partial(x + i, len - i, -INFINITY) * vinv + neg_lse) + lw));
+    dk[k].e = ek;
+    dk[k].f = 1.f;
+  }
 }
 
-template <bool kHasP>
-MixtureBlockFn select_mixture_block(int64_t K) {
-  return select_mixture_block<kHasP>(K, std::make_integer_sequence<int, kMaxFixedK>{});
-}
+// ---- the kernel -----------------------------------------------------------------------------------
 
 // Sweep-1 results of one row.
 struct RowSweep1 {
   float lse_p, eu, draft_entropy, target_entropy;
 };
 
-// The kernel over spans [vb, ve) of a row's vocabulary, shared by the row-parallel path and the
+// Per-thread buffers of one range (row or span): the reference block, the kept exponentials
+// (K × ld floats) and their block origins (K × blocks).
+struct RangeBuffers {
+  float* y;
+  float* e;        // nullptr: not kept
+  float* origins;  // K × blocks
+  int64_t ld, blocks;
+};
+
+// The kernel over ranges [vb, ve) of a row's vocabulary, shared by the row-parallel path and the
 // split-vocabulary path.
 template <class TD, class TP, bool kHasP>
 struct DraftUncertaintyKernel {
   const Args& a;
-  int64_t block2;               // sweep-2 block
-  std::vector<float> log_w;     // log w_k (−inf for w_k = 0)
-  MixtureBlockFn mixture_block; // sweep-2 block sums for this K
+  std::vector<float> log_w;   // log w_k (−inf for w_k = 0)
+  std::vector<int64_t> active;  // drafts with w_k > 0: the only ones in the mixture
+  bool keep;                  // sweep 1 keeps the active drafts' exponentials for sweep 2
 
-  explicit DraftUncertaintyKernel(const Args& args)
-      // (2K + 5) floats per entry in the sweep-2 scratch budget, a multiple of 64 entries
-      : a(args), block2(std::max<int64_t>(64, (kSweep2Floats / (2 * args.K + 5)) / 64 * 64)),
-        log_w(args.K), mixture_block(select_mixture_block<kHasP>(args.K)) {
-    for (int64_t k = 0; k < a.K; ++k) log_w[k] = std::log(a.weights[k]);
+  explicit DraftUncertaintyKernel(const Args& args) : a(args), log_w(args.K) {
+    for (int64_t k = 0; k < a.K; ++k) {
+      log_w[k] = std::log(a.weights[k]);
+      if (a.weights[k] > 0.f || std::isnan(a.weights[k])) active.push_back(k);
+    }
+    const int64_t rows = split() ? a.N : 1;  // the split path keeps all its rows at once
+    keep = a.decompose && rows * static_cast<int64_t>(active.size()) * a.V * 4 <= a.keep_bytes;
   }
+
+  bool split() const { return a.N < kSplitRows && a.V >= 2 * kSplitSpan; }
+
+  // Per-thread storage, uninitialised (every float is written before it is read): the reference
+  // block; the kept exponentials (K × ld) and block origins (K × blocks) of `ranges` ranges of
+  // `span` entries; sweep 2's draft table, q̄ and log q̄ of a block and, when not kept, the
+  // w_k q_k of a stretch (active drafts × stretch, L1-sized).
+  struct ThreadBuffers {
+    int64_t kept, blocks, ld, stretch;
+    std::unique_ptr<float[]> y, e, origins, qbar, lq, w;
+    std::vector<DraftBlock<TD>> dk;
+    std::vector<float> active_log_w;
+    ThreadBuffers(const DraftUncertaintyKernel& kr, int64_t span, int64_t ranges)
+        : kept(kr.keep ? kr.a.K * round_up(span) : 0), blocks(blocks_of(span)), ld(round_up(span)),
+          stretch(std::clamp<int64_t>(kStretchFloats / static_cast<int64_t>(kr.active.size()) / W * W, W, kBlock)),
+          y(new float[kBlock + W]), e(kr.keep ? new float[ranges * kept] : nullptr),
+          origins(new float[ranges * kr.a.K * blocks]), qbar(new float[kBlock + W]),
+          lq(new float[kBlock + W]),
+          w(kr.keep || !kr.a.decompose ? nullptr : new float[kr.active.size() * stretch]),
+          dk(kr.active.size()) {
+      for (int64_t k : kr.active) active_log_w.push_back(kr.log_w[k]);
+    }
+    RangeBuffers range(int64_t slot, int64_t K) const {
+      return {y.get(), e ? e.get() + slot * kept : nullptr, origins.get() + slot * K * blocks, ld, blocks};
+    }
+  };
 
   const TD* draft_row(int64_t n, int64_t k) const {
     return static_cast<const TD*>(a.draft) + n * a.draft_stride_n + k * a.draft_stride_k;
@@ -269,24 +366,46 @@ struct DraftUncertaintyKernel {
     return static_cast<const TP*>(a.target) + n * a.target_stride_n;
   }
 
+  template <bool kCross, bool kGuard, bool kKeep, class T>
+  static float accumulate_draft(SoftmaxState& st, const T* src, int64_t len, float inv_t,
+                                const float* y, float* out, int64_t& exps) {
+    return accumulate<T, kCross, kGuard, kKeep, false>(st, src, len, inv_t, y, out, exps, nullptr);
+  }
+
   // Sweep 1 over [vb, ve) of row n into states[0, K) (drafts, with their cross terms) and
-  // states[K] (the reference). Returns the number of logits read.
-  int64_t sweep1(int64_t n, int64_t vb, int64_t ve, SoftmaxState* states, Scratch& sc) const {
+  // states[K] (the reference); kept exponentials and origins into `buf`.
+  Work sweep1(int64_t n, int64_t vb, int64_t ve, SoftmaxState* states, const RangeBuffers& buf) const {
     const float inv_t = a.inv_temperature;
-    int64_t read = 0;
-    for (int64_t v0 = vb; v0 < ve; v0 += kBlock1) {
-      const int64_t len = std::min(kBlock1, ve - v0);
+    Work w;
+    for (int64_t v0 = vb, b = 0; v0 < ve; v0 += kBlock, ++b) {
+      const int64_t len = std::min(kBlock, ve - v0);
+      bool guard = false;
       if (kHasP) {
-        accumulate_lazy<false>(states[a.K], target_row(n) + v0, len, inv_t, sc.y.data(), nullptr);
-        read += len;
+        float ymin;
+        accumulate<TP, false, false, false, true>(states[a.K], target_row(n) + v0, len, inv_t,
+                                                  nullptr, buf.y, w.exps, &ymin);
+        guard = ymin == -INFINITY;
+        w.read += len;
       }
       for (int64_t k = 0; k < a.K; ++k) {
-        accumulate_lazy<kHasP>(states[k], draft_row(n, k) + v0, len, inv_t, sc.x.data(),
-                               sc.y.data());
-        read += len;
+        const TD* src = draft_row(n, k) + v0;
+        float* out = buf.e && a.weights[k] != 0.f ? buf.e + k * buf.ld + (v0 - vb) : nullptr;
+        SoftmaxState& st = states[k];
+        float r;
+        if (!kHasP)
+          r = out ? accumulate_draft<false, false, true>(st, src, len, inv_t, nullptr, out, w.exps)
+                  : accumulate_draft<false, false, false>(st, src, len, inv_t, nullptr, out, w.exps);
+        else if (guard)
+          r = out ? accumulate_draft<true, true, true>(st, src, len, inv_t, buf.y, out, w.exps)
+                  : accumulate_draft<true, true, false>(st, src, len, inv_t, buf.y, out, w.exps);
+        else
+          r = out ? accumulate_draft<true, false, true>(st, src, len, inv_t, buf.y, out, w.exps)
+                  : accumulate_draft<true, false, false>(st, src, len, inv_t, buf.y, out, w.exps);
+        buf.origins[k * buf.blocks + b] = r;
+        w.read += len;
       }
     }
-    return read;
+    return w;
   }
 
   // Row results of complete sweep-1 states and lse[K]; writes draft_lse and target_lse if `store`.
@@ -305,33 +424,43 @@ struct DraftUncertaintyKernel {
     return r;
   }
 
-  // Sweep 2 over [vb, ve) of row n (the mixture q̄, log q̄ = logsumexp_k l_k), added to `sums`.
-  // Blocks go from the end of the span backwards: sweep 1 read the end last, so a row larger
-  // than L2 is re-read mostly from L2.
-  int64_t sweep2(int64_t n, int64_t vb, int64_t ve, const float* lse, float lse_p,
-                 MixtureSums& sums, Scratch& sc) const {
-    const float inv_t = a.inv_temperature;
-    int64_t read = 0;
-    for (int64_t end = ve; end > vb; end -= block2) {
-      const int64_t v0 = std::max(vb, end - block2), len = end - v0;
-      if (kHasP) {
-        load_scaled(target_row(n) + v0, len, inv_t, sc.y.data());
-        read += len;
+  // Sweep 2 over [vb, ve) of row n (mixture of the active drafts), added to `sums`; blocks
+  // backwards (sweep 1 read the end last). Not kept: stretches of `stretch` entries whose
+  // w_k q_k are computed into tb.w first.
+  Work sweep2(int64_t n, int64_t vb, int64_t ve, const float* lse, float lse_p, MixtureSums& sums,
+              const RangeBuffers& buf, ThreadBuffers& tb) const {
+    const int64_t kd = static_cast<int64_t>(active.size());
+    const bool kept = buf.e != nullptr;
+    const int64_t stretch = kept ? kBlock : tb.stretch;
+    DraftBlock<TD>* dk = tb.dk.data();
+    Work w;
+    for (int64_t b = blocks_of(ve - vb) - 1; b >= 0; --b) {
+      const int64_t b0 = vb + b * kBlock, b1 = std::min(ve, b0 + kBlock);
+      for (int64_t v0 = b0; v0 < b1; v0 += stretch) {
+        const int64_t len = std::min(stretch, b1 - v0);
+        for (int64_t j = 0; j < kd; ++j) {
+          const int64_t k = active[j];
+          dk[j].x = draft_row(n, k) + v0;
+          dk[j].neg_lse = -lse[k];
+          if (kept) {
+            dk[j].e = buf.e + k * buf.ld + (v0 - vb);
+            dk[j].f = a.weights[k] * std::exp(buf.origins[k * buf.blocks + b] - lse[k]);
+          }
+        }
+        if (!kept) {
+          mixture_weights(dk, kd, tb.active_log_w.data(), a.inv_temperature, len, tb.w.get(), stretch);
+          w.exps += len * kd;
+        }
+        const MixtureSums s = mixture_block<kHasP>(dk, kd, kHasP ? target_row(n) + v0 : nullptr,
+                                                   a.inv_temperature, lse_p, len, tb.qbar.get(), tb.lq.get());
+        sums.jsd += s.jsd;
+        sums.entropy += s.entropy;
+        sums.kl += s.kl;
+        w.read += len * (kd + kHasP);  // drafts with w_k = 0 are not read
+        w.logs += len;
       }
-      for (int64_t k = 0; k < a.K; ++k) {
-        const TD* __restrict src = draft_row(n, k) + v0;
-        float* __restrict lk = sc.l.data() + k * block2;
-        const float lw = log_w[k], lse_k = lse[k];
-#pragma omp simd
-        for (int64_t i = 0; i < len; ++i) lk[i] = mixture_log_weight(lw, to_float(src[i]) * inv_t, lse_k);
-        read += len;
-      }
-      const MixtureSums b = mixture_block(sc, block2, a.K, log_w.data(), lse_p, len);
-      sums.jsd += b.jsd;
-      sums.entropy += b.entropy;
-      sums.kl += b.kl;
     }
-    return read;
+    return w;
   }
 
   // stats[:, n]; `mix` is null without the mixture sweep.
@@ -347,59 +476,64 @@ struct DraftUncertaintyKernel {
     out[5 * rs] = r.target_entropy;
   }
 
-  // OpenMP over rows: each row by one thread, both sweeps back to back (sweep 2 from L2).
-  int64_t run_rows(int threads) const {
-    int64_t read = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : read)
+  // OpenMP over rows: each row by one thread, both sweeps back to back (sweep 2 from cache).
+  Work run_rows(int threads) const {
+    Work work;
+#pragma omp parallel num_threads(threads) reduction(+ : work)
     {
-      Scratch sc(a.K, block2);
+      ThreadBuffers tb(*this, a.V, 1);
+      const RangeBuffers buf = tb.range(0, a.K);
       std::vector<SoftmaxState> states(a.K + 1);
       std::vector<float> lse(a.K);
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < a.N; ++n) {
         std::fill(states.begin(), states.end(), softmax_state_empty());
-        read += sweep1(n, 0, a.V, states.data(), sc);
+        work += sweep1(n, 0, a.V, states.data(), buf);
         const RowSweep1 r = finish1(n, states.data(), lse.data(), true);
         MixtureSums mix{0.f, 0.f, 0.f};
-        if (a.decompose) read += sweep2(n, 0, a.V, lse.data(), r.lse_p, mix, sc);
+        if (a.decompose)
+          work += sweep2(n, 0, a.V, lse.data(), r.lse_p, mix, buf, tb);
         write(n, r, a.decompose ? &mix : nullptr);
       }
     }
-    return read;
+    return work;
   }
 
   // Few rows: OpenMP over (row, span of kSplitSpan entries) for each sweep; the partial states
   // and sums of a row are merged in span order, so the result does not depend on the threads.
-  // One barrier (between the sweeps): every sweep-2 item merges its row's states itself.
-  int64_t run_split(int threads) const {
+  // Each thread takes the same contiguous range of items in both sweeps (so its kept
+  // exponentials are its own); one barrier between the sweeps, after which every sweep-2 item
+  // merges its row's states itself.
+  Work run_split(int threads) const {
     const int64_t spans = (a.V + kSplitSpan - 1) / kSplitSpan, items = a.N * spans, K1 = a.K + 1;
     std::vector<SoftmaxState> part(items * K1, softmax_state_empty());
     std::vector<MixtureSums> sums(items, MixtureSums{0.f, 0.f, 0.f});
     std::vector<RowSweep1> rows(a.N);
-    int64_t read = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : read)
+    Work work;
+#pragma omp parallel num_threads(threads) reduction(+ : work)
     {
-      Scratch sc(a.K, block2);
+      const int64_t tid = omp_get_thread_num(), nth = omp_get_num_threads();
+      const int64_t lo = items * tid / nth, hi = items * (tid + 1) / nth;
+      ThreadBuffers tb(*this, kSplitSpan, std::max<int64_t>(hi - lo, 1));
       std::vector<SoftmaxState> row(K1);
       std::vector<float> lse(a.K);
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < items; ++i) {
+      for (int64_t i = lo; i < hi; ++i) {
         const int64_t n = i / spans, vb = (i % spans) * kSplitSpan;
-        read += sweep1(n, vb, std::min(a.V, vb + kSplitSpan), &part[i * K1], sc);
+        work += sweep1(n, vb, std::min(a.V, vb + kSplitSpan), &part[i * K1], tb.range(i - lo, a.K));
       }
-      // sweep 2 items (or, without it, one item per row): merge the row's span states in order
-#pragma omp for schedule(static)
-      for (int64_t i = 0; i < items; ++i) {
+#pragma omp barrier
+      for (int64_t i = lo; i < hi; ++i) {
         const int64_t n = i / spans, j = i % spans;
-        if (!a.decompose && j != 0) continue;
+        if (!a.decompose && j != 0) continue;  // without sweep 2: one merge per row
         std::copy(&part[n * spans * K1], &part[(n * spans + 1) * K1], row.begin());
         for (int64_t jj = 1; jj < spans; ++jj)
-          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], part[(n * spans + jj) * K1 + k], FastExp{});
+          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], part[(n * spans + jj) * K1 + k], LibmExp{});
         const RowSweep1 r = finish1(n, row.data(), lse.data(), j == 0);  // same in every item
         if (j == 0) rows[n] = r;
         if (a.decompose) {
           const int64_t vb = j * kSplitSpan;
-          read += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), lse.data(), r.lse_p, sums[i], sc);
+          work += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), lse.data(), r.lse_p, sums[i],
+                         tb.range(i - lo, a.K), tb);
         }
       }
     }
@@ -412,54 +546,62 @@ struct DraftUncertaintyKernel {
       }
       write(n, rows[n], a.decompose ? &mix : nullptr);
     }
-    return read;
+    return work;
   }
 
-  // The path depends on the shape only (never on the thread count), so results are reproducible.
-  int64_t run(int threads) const {
-    return a.N < kSplitRows && a.V >= 2 * kSplitSpan ? run_split(threads) : run_rows(threads);
-  }
+  // The path depends on the shape (and keep_bytes) only, never on the thread count, so results
+  // are reproducible.
+  Work run(int threads) const { return split() ? run_split(threads) : run_rows(threads); }
 };
 
-int64_t draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t N, int64_t V,
-                          int64_t draft_stride_k, int64_t draft_stride_n, uintptr_t target,
-                          int target_dtype, int64_t target_stride_n, uintptr_t weights,
-                          double temperature, bool decompose, uintptr_t stats,
-                          int64_t stats_stride_row, int64_t stats_stride_n, uintptr_t draft_lse,
-                          int64_t draft_lse_stride_k, int64_t draft_lse_stride_n,
-                          uintptr_t target_lse, int64_t target_lse_stride_n, int num_threads) {
+py::tuple draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t N, int64_t V,
+                            int64_t draft_stride_k, int64_t draft_stride_n, uintptr_t target,
+                            int target_dtype, int64_t target_stride_n, uintptr_t weights,
+                            double temperature, bool decompose, uintptr_t stats,
+                            int64_t stats_stride_row, int64_t stats_stride_n, uintptr_t draft_lse,
+                            int64_t draft_lse_stride_k, int64_t draft_lse_stride_n,
+                            uintptr_t target_lse, int64_t target_lse_stride_n, int num_threads,
+                            int64_t keep_bytes) {
   if (K < 1 || N < 0 || V < 1) throw std::invalid_argument("epikern._cpu.draft_uncertainty: bad K/N/V");
   const Args a{reinterpret_cast<const void*>(draft), K, N, V, draft_stride_k, draft_stride_n,
                reinterpret_cast<const void*>(target), target_stride_n,
                reinterpret_cast<const float*>(weights), static_cast<float>(1.0 / temperature),
                decompose, reinterpret_cast<float*>(stats), stats_stride_row, stats_stride_n,
                reinterpret_cast<float*>(draft_lse), draft_lse_stride_k, draft_lse_stride_n,
-               reinterpret_cast<float*>(target_lse), target_lse_stride_n};
+               reinterpret_cast<float*>(target_lse), target_lse_stride_n,
+               keep_bytes < 0 ? kKeepBytes : keep_bytes};
   const int threads = std::max(1, num_threads);
-  return dispatch_dtype(draft_dtype, [&](auto td) -> int64_t {
-    using TD = decltype(td);
-    if (target == 0) return DraftUncertaintyKernel<TD, TD, false>(a).run(threads);
-    return dispatch_dtype(target_dtype, [&](auto tp) -> int64_t {
-      return DraftUncertaintyKernel<TD, decltype(tp), true>(a).run(threads);
+  Work w;
+  {
+    py::gil_scoped_release release;
+    w = dispatch_dtype(draft_dtype, [&](auto td) -> Work {
+      using TD = decltype(td);
+      if (target == 0) return DraftUncertaintyKernel<TD, TD, false>(a).run(threads);
+      return dispatch_dtype(target_dtype, [&](auto tp) -> Work {
+        return DraftUncertaintyKernel<TD, decltype(tp), true>(a).run(threads);
+      });
     });
-  });
+  }
+  return py::make_tuple(w.read, w.exps, w.logs);
 }
 
 }  // namespace
 
 void bind_draft_uncertainty(py::module_& m) {
-  m.def("draft_uncertainty", &draft_uncertainty, py::call_guard<py::gil_scoped_release>(),
-        py::arg("draft"), py::arg("draft_dtype"), py::arg("K"), py::arg("N"), py::arg("V"),
-        py::arg("draft_stride_k"), py::arg("draft_stride_n"), py::arg("target"),
-        py::arg("target_dtype"), py::arg("target_stride_n"), py::arg("weights"),
-        py::arg("temperature"), py::arg("decompose"), py::arg("stats"),
-        py::arg("stats_stride_row"), py::arg("stats_stride_n"), py::arg("draft_lse"),
-        py::arg("draft_lse_stride_k"), py::arg("draft_lse_stride_n"), py::arg("target_lse"),
-        py::arg("target_lse_stride_n"), py::arg("num_threads"),
+  m.def("draft_uncertainty", &draft_uncertainty, py::arg("draft"), py::arg("draft_dtype"),
+        py::arg("K"), py::arg("N"), py::arg("V"), py::arg("draft_stride_k"),
+        py::arg("draft_stride_n"), py::arg("target"), py::arg("target_dtype"),
+        py::arg("target_stride_n"), py::arg("weights"), py::arg("temperature"),
+        py::arg("decompose"), py::arg("stats"), py::arg("stats_stride_row"),
+        py::arg("stats_stride_n"), py::arg("draft_lse"), py::arg("draft_lse_stride_k"),
+        py::arg("draft_lse_stride_n"), py::arg("target_lse"), py::arg("target_lse_stride_n"),
+        py::arg("num_threads"), py::arg("keep_bytes") = -1,
         "Fused draft_uncertainty over raw pointers (element strides; dtype codes 0 = float32, "
         "1 = float16, 2 = bfloat16; target = 0 for none). Writes stats[6, N], draft_lse[K, N] and "
-        "target_lse[N] (float32) and returns the number of logit elements read: "
-        "(K + has_target)·N·V per sweep, one sweep more when decompose.");
+        "target_lse[N] (float32). keep_bytes: budget of the exponentials sweep 1 keeps for sweep 2 "
+        "(4 bytes per draft with w_k > 0 and entry, for one row, or for all rows when the "
+        "vocabulary is split; −1: the default, 4 MiB; 0: never keep). Returns (logit elements "
+        "read, exponentials, logarithms) evaluated in the vector loops.");
 }
 
 }  // namespace epikern::cpu

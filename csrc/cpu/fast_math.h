@@ -1,6 +1,7 @@
-// Branch-free, vectorisable float routines for the CPU kernels: exp, log and the fp16/bf16 → fp32
-// conversions. Every function is a straight line of arithmetic, bit casts and selects, so gcc
-// vectorises loops that call them under `#pragma omp simd` (no libm call in the inner loops).
+// Branch-free, vectorisable scalar float routines for the CPU kernels that gcc vectorises under
+// `#pragma omp simd` (forward_kl): exp and the fp16/bf16 → fp32 conversions. Every function is a
+// straight line of arithmetic, bit casts and selects (no libm call in the inner loops).
+// draft_uncertainty uses the explicit vector routines of simd.h instead.
 #pragma once
 
 #include <cmath>
@@ -47,34 +48,6 @@ EPIKERN_INLINE float fast_exp(float x) {
   float y = p * scale;
   y = x < kLo ? 0.f : y;
   y = x > kHi ? std::numeric_limits<float>::infinity() : y;
-  return y;
-}
-
-// log x with ~1 ulp error for positive NORMAL finite x (Cephes logf polynomial on the mantissa);
-// no special cases (0, denormals, inf, NaN, x < 0 give garbage): the kernels use it where x is
-// known to be ≥ 1 (a sum whose largest term is 1).
-EPIKERN_INLINE float fast_log_normal(float x) {
-  const uint32_t u = float_to_bits(x);
-  float e = static_cast<float>(static_cast<int32_t>((u >> 23) & 0xffu) - 126);
-  float m = bits_to_float((u & 0x007fffffu) | 0x3f000000u);  // x = m·2^e, m ∈ [0.5, 1)
-  const bool small = m < 0.707106781186547524f;
-  e = small ? e - 1.f : e;
-  m = small ? m + m - 1.f : m - 1.f;
-  const float z = m * m;
-  float p = 7.0376836292e-2f;
-  p = p * m - 1.1514610310e-1f;
-  p = p * m + 1.1676998740e-1f;
-  p = p * m - 1.2420140846e-1f;
-  p = p * m + 1.4249322787e-1f;
-  p = p * m - 1.6668057665e-1f;
-  p = p * m + 2.0000714765e-1f;
-  p = p * m - 2.4999993993e-1f;
-  p = p * m + 3.3333331174e-1f;
-  float y = p * m * z;
-  y += -2.12194440e-4f * e;
-  y += -0.5f * z;
-  y = m + y;
-  y += 0.693359375f * e;
   return y;
 }
 

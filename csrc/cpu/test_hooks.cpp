@@ -9,6 +9,7 @@
 
 #include "epikern/online_softmax.h"
 #include "fast_math.h"
+#include "simd.h"
 
 namespace py = pybind11;
 
@@ -70,11 +71,27 @@ F32 mixture_terms_all(const F32& l, const F32& log_w, const F32& y, float lse_p,
   return out;
 }
 
+// simd::exp / simd::log lane by lane over an array (the vector routines of draft_uncertainty).
+template <class Fn>
+F32 map_simd(const F32& in, Fn fn) {
+  F32 out(in.request().shape);
+  const float* src = in.data();
+  float* dst = out.mutable_data();
+  const int64_t n = in.size();
+  for (int64_t i = 0; i < n; i += simd::kWidth) {
+    const int64_t len = std::min<int64_t>(simd::kWidth, n - i);
+    const simd::vf v = fn(simd::load_partial(src + i, len, 1.f));
+    for (int64_t j = 0; j < len; ++j) dst[i + j] = v[j];
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_test_hooks(py::module_& m) {
   m.def("_test_exp", [](const F32& x) { return map_elementwise(x, fast_exp); });
-  m.def("_test_log", [](const F32& x) { return map_elementwise(x, fast_log_normal); });
+  m.def("_test_simd_exp", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::exp(v); }); });
+  m.def("_test_simd_log", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::log(v); }); });
   m.def("_test_half_to_float", [](const U16& h) { return map_elementwise(h, half_to_float); });
   m.def("_test_bf16_to_float", [](const U16& b) { return map_elementwise(b, bf16_to_float); });
   m.def("_test_softmax_chunks", &softmax_chunks, py::arg("x"), py::arg("y"), py::arg("chunk"),

@@ -7,7 +7,7 @@ The kernels read fp32/fp16/bf16 logits in place through raw pointers with int64 
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -42,6 +42,18 @@ def _dtype_code(name: str, x: Tensor) -> int:
         raise TypeError(f"backend 'cpu' reads float32, float16 or bfloat16 {name}, got {x.dtype}") from None
 
 
+class KernelWork(NamedTuple):
+    """What one ``draft_uncertainty`` call did: logit elements read (``(K + has_target)·N·V`` in
+    sweep 1, the same less the drafts with weight 0 in sweep 2) and the exponentials and
+    logarithms evaluated in its vector loops (per element; the per-block rescales are not
+    counted). With the split, ``(K + 1)·N·V`` exponentials and ``N·V`` logarithms when sweep 1
+    keeps its exponentials (a redone block adds its length again), ``K·N·V`` more when not."""
+
+    read: int
+    exps: int
+    logs: int
+
+
 def draft_uncertainty_raw(
     draft_logits: Tensor,
     target_logits: Optional[Tensor],
@@ -52,13 +64,17 @@ def draft_uncertainty_raw(
     draft_lse: Tensor,
     target_lse: Tensor,
     num_threads: Optional[int] = None,
-) -> int:
-    """:func:`draft_uncertainty_out` that returns the number of logit elements the kernel read.
+    keep_bytes: int = -1,
+) -> KernelWork:
+    """:func:`draft_uncertainty_out` that returns the kernel's :class:`KernelWork`.
 
     Shapes: ``draft_logits [K, N, V]``, ``target_logits [N, V]`` or None (unit stride over V, any
-    strides over K and N), ``weights [K]``, ``stats [6, N]``,
-    ``draft_lse [K, N]``, ``target_lse [N]`` float32 (any strides). The count is
-    ``(K + has_target)·N·V`` per sweep: one sweep, two when ``decompose``.
+    strides over K and N), ``weights [K]``, ``stats [6, N]``, ``draft_lse [K, N]``,
+    ``target_lse [N]`` float32 (any strides). ``keep_bytes``: budget for the exponentials that
+    sweep 1 keeps for the mixture sweep (4 bytes per draft with a nonzero weight and vocabulary
+    entry, of one row, or of all rows when few rows split the vocabulary across threads); ``-1``
+    is the kernel's default (4 MiB), ``0`` never keeps (sweep 2 then takes one exponential per
+    draft and entry). The results agree within float32 rounding either way.
     """
     check_available()
     K, N, V = draft_logits.shape
@@ -71,7 +87,7 @@ def draft_uncertainty_raw(
         if out.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {out.dtype}")
     has_p = target_logits is not None
-    return _cpu.draft_uncertainty(
+    return KernelWork(*_cpu.draft_uncertainty(
         draft_logits.data_ptr(), _dtype_code("draft_logits", draft_logits), K, N, V,
         draft_logits.stride(0), draft_logits.stride(1),
         target_logits.data_ptr() if has_p else 0,
@@ -82,7 +98,8 @@ def draft_uncertainty_raw(
         draft_lse.data_ptr(), draft_lse.stride(0), draft_lse.stride(1),
         target_lse.data_ptr(), target_lse.stride(0),
         torch.get_num_threads() if num_threads is None else int(num_threads),
-    )
+        int(keep_bytes),
+    ))
 
 
 def draft_uncertainty_out(

@@ -1,6 +1,8 @@
 """Kernel-level tests of ``epikern._cpu``: the shared header math and fast-math routines (through
-the module's ``_test_*`` hooks), the elements-read counter, thread-count determinism, strides and
-int64 offsets, and the kernel paths the SPEC §8 matrix does not reach (K > 8, jumps of the max)."""
+the module's ``_test_*`` hooks), the work counters, thread-count determinism, strides and int64
+offsets, and the kernel paths the SPEC §8 matrix does not reach: jumps of the max, the split
+vocabulary, and sweep 2 with the exponentials of sweep 1 kept or recomputed (forced with
+``keep_bytes``) for K ∈ {1, 2, 4, 7, 8, 9, 12}."""
 
 from __future__ import annotations
 
@@ -12,22 +14,31 @@ import torch
 
 import epikern as ek
 from epikern.backends import cpu
-from tests._cases import assert_close_stats, make_logits, reference_stats
+from tests._cases import (assert_close_stats, assert_special_rows, make_logits, reference_stats,
+                          special_rows)
 
 _cpu = pytest.importorskip("epikern._cpu", reason="epikern._cpu is not built (pip install -e .)")
 
 FLT_MIN = np.float32(1.17549435e-38)
 
 
-def _raw(draft, target, weights=None, temperature=1.0, decompose=True, num_threads=None, out=None):
-    """Run the kernel through the raw entry; returns (stats, draft_lse, target_lse, elements read)."""
+KEEP = {"kept": 1 << 40, "recomputed": 0}  # keep_bytes that force each sweep-2 path
+
+
+def _raw(draft, target, weights=None, temperature=1.0, decompose=True, num_threads=None, out=None,
+         keep_bytes=-1):
+    """Run the kernel through the raw entry; returns (stats, draft_lse, target_lse, KernelWork)."""
     K, N, _ = draft.shape
     w = torch.full((K,), 1.0 / K) if weights is None else torch.as_tensor(weights, dtype=torch.float32)
     stats, draft_lse, target_lse = out if out is not None else (
         torch.empty(6, N), torch.empty(K, N), torch.empty(N))
-    read = cpu.draft_uncertainty_raw(draft, target, w, temperature, decompose, stats, draft_lse,
-                                     target_lse, num_threads=num_threads)
-    return stats, draft_lse, target_lse, read
+    work = cpu.draft_uncertainty_raw(draft, target, w, temperature, decompose, stats, draft_lse,
+                                     target_lse, num_threads=num_threads, keep_bytes=keep_bytes)
+    return stats, draft_lse, target_lse, work
+
+
+def _result(stats, draft_lse, target_lse, *_):
+    return ek.DraftUncertainty(*stats.unbind(0), draft_lse=draft_lse, target_lse=target_lse)
 
 
 # ---- fast math ----------------------------------------------------------------------------------
@@ -53,21 +64,41 @@ def test_fast_exp_accuracy_and_specials():
     assert (got[6:] == np.inf).all()  # saturates above 127.5·ln2 (documented)
 
 
-def test_fast_log_accuracy_on_normal_floats():
-    """fast_log_normal (sweep 2 takes logs of sums in [1, K]) over the whole normal range."""
+def test_simd_exp_accuracy_and_specials():
+    """simd::exp, the exponential of draft_uncertainty's sweeps (valid for x ≤ 88.37)."""
+    rng = np.random.default_rng(2)
+    x = np.concatenate([
+        rng.uniform(-87.3, 88.37, 200_000), rng.uniform(-1, 1, 50_000), rng.normal(0, 1e-4, 1000),
+        rng.uniform(-20, 0, 50_000), np.linspace(-87.33, -80, 1000), np.linspace(88.0, 88.37, 1000),
+        [0.0, -0.0, 1.0, -1.0, math.log(2), 88.37, -87.33],
+    ]).astype(np.float32)
+    out = _cpu._test_simd_exp(x).astype(np.float64)
+    ref = np.exp(x.astype(np.float64))
+    rel = np.abs(out - ref) / ref
+    assert rel.max() < 4e-7, f"max relative error {rel.max():.3g} at x={x[rel.argmax()]!r}"
+    assert _cpu._test_simd_exp(np.zeros(3, np.float32)).tolist() == [1.0, 1.0, 1.0]
+    # below ≈ −87.7 the result is exactly 0 (the sweeps clamp −inf to −104 and need e = 0 there)
+    got = _cpu._test_simd_exp(np.array([-88.1, -104.0, -1e4, np.nan], dtype=np.float32))
+    assert (got[:3] == 0.0).all() and np.isnan(got[3])
+
+
+def test_simd_log_accuracy_on_normal_floats():
+    """simd::log (sweep 2 takes log q̄, q̄ ∈ (0, 1]) over the whole normal range; finite at 0."""
     rng = np.random.default_rng(1)
     x = np.concatenate([
-        np.exp(rng.uniform(-87, 88, 200_000)), rng.uniform(1.0, 64.0, 50_000),
-        1.0 + rng.normal(0, 1e-5, 1000),
+        np.exp(rng.uniform(-87, 88, 200_000)), rng.uniform(1e-6, 1.0, 50_000),
+        rng.uniform(1.0, 64.0, 50_000), 1.0 + rng.normal(0, 1e-5, 1000),
         np.array([FLT_MIN, np.finfo(np.float32).max, 1.0, 2.0, 0.70710677, 0.7071068]),
     ]).astype(np.float32)
-    out = _cpu._test_log(x).astype(np.float64)
+    out = _cpu._test_simd_log(x).astype(np.float64)
     ref = np.log(x.astype(np.float64))
     err = np.abs(out - ref)
     bound = 1.5e-7 * np.abs(ref) + 1.2e-7
     bad = err > bound
     assert not bad.any(), f"log({x[bad][0]!r}) = {out[bad][0]!r}, expected {ref[bad][0]!r}"
-    assert _cpu._test_log(np.array([1.0], dtype=np.float32))[0] == 0.0
+    assert _cpu._test_simd_log(np.array([1.0], dtype=np.float32))[0] == 0.0
+    zero = _cpu._test_simd_log(np.array([0.0, 1e-40], dtype=np.float32))  # q̄ = 0 or denormal
+    assert np.isfinite(zero).all() and (zero < -86).all()
 
 
 def test_half_to_float_is_exact_for_every_bit_pattern():
@@ -174,7 +205,7 @@ def test_reads_each_logit_once_per_sweep(decompose, has_target):
     g = torch.Generator().manual_seed(0)
     draft = make_logits((K, N, V), "peaked", generator=g)
     target = make_logits((N, V), "peaked", generator=g) if has_target else None
-    *_, read = _raw(draft, target, decompose=decompose)
+    *_, (read, _, _) = _raw(draft, target, decompose=decompose)
     per_sweep = K * N * V + (N * V if has_target else 0)
     assert read == per_sweep * (2 if decompose else 1)
 
@@ -268,9 +299,104 @@ def test_split_vocabulary_path_for_few_rows(has_target):
                                    backend="cpu")
         ref = reference_stats(draft, target, weights=[0.2, 0.5, 0.3], decompose=decompose)
         assert_close_stats(out, ref)
-    *_, read = _raw(draft, target)
+    *_, (read, _, _) = _raw(draft, target)
     assert read == 2 * (K + has_target) * N * V
     runs = [_raw(draft, target, num_threads=t)[:3] for t in (1, 2, 3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+# ---- sweep 2: exponentials of sweep 1 kept, or recomputed ---------------------------------------
+
+def _weights(K, g):
+    """Non-uniform weights with a zero (K ≥ 3): a draft the mixture sweep skips."""
+    w = torch.rand(K, generator=g, dtype=torch.float64) + 0.05
+    if K >= 3:
+        w[1] = 0
+    return (w / w.sum()).tolist()
+
+
+@pytest.mark.parametrize("path", list(KEEP))
+@pytest.mark.parametrize("K", [1, 2, 4, 7, 8, 9, 12])
+def test_sweep2_paths_match_float64(K, path):
+    """Row path (N ≥ 8), odd V over two sweep-1 blocks and a partial vector, masked drafts,
+    peaked target, temperature ≠ 1; the work counters prove which path ran: kept = K + 1
+    exponentials and one log per entry, recomputed = one more exponential per draft in the
+    mixture."""
+    g = torch.Generator().manual_seed(100 + K)
+    N, V = 9, 2999
+    draft = make_logits((K, N, V), "masked", generator=g)
+    target = make_logits((N, V), "peaked", generator=g)
+    w = _weights(K, g)
+    out = _raw(draft, target, weights=w, temperature=0.7, keep_bytes=KEEP[path])
+    assert_close_stats(_result(*out), reference_stats(draft, target, weights=w, temperature=0.7))
+    work, mixed = out[3], sum(x > 0 for x in w)
+    assert work.logs == N * V
+    assert work.exps == (K + 1) * N * V + (0 if path == "kept" else mixed * N * V)
+    assert work.read == (K + 1) * N * V + (mixed + 1) * N * V
+
+
+@pytest.mark.parametrize("path", list(KEEP))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sweep2_paths_low_precision_and_strides(dtype, path):
+    """fp16/bf16 drafts read through strides (stored [N, K, V], every other row) against an fp32
+    reference slice, without and with a target."""
+    g = torch.Generator().manual_seed(7)
+    K, N, V = 4, 8, 2100
+    draft = make_logits((2 * N, K, V + 3), "peaked", dtype=dtype, generator=g)[::2, :, :V].permute(1, 0, 2)
+    target = make_logits((N, 2 * V), "normal", generator=g)[:, V:]
+    assert not draft.is_contiguous() and not target.is_contiguous()
+    for t in (target, None):
+        out = _raw(draft, t, weights=[0.1, 0.4, 0.3, 0.2], keep_bytes=KEEP[path])
+        assert_close_stats(_result(*out), reference_stats(draft, t, weights=[0.1, 0.4, 0.3, 0.2]))
+
+
+@pytest.mark.parametrize("path", list(KEEP))
+def test_sweep2_paths_special_rows(path):
+    """+inf kl, one-hot drafts, a NaN logit and fully masked drafts (tests/_cases.special_rows),
+    plus identical drafts (jsd = 0), on both paths."""
+    draft, target = special_rows(V=2500)
+    out = _result(*_raw(draft, target, keep_bytes=KEEP[path]))
+    assert_close_stats(out, reference_stats(draft, target))
+    assert_special_rows(out)
+    g = torch.Generator().manual_seed(8)
+    same = make_logits((1, 9, 2500), "peaked", generator=g).expand(3, 9, 2500)
+    out = _result(*_raw(same, target[:1].expand(9, 2500), keep_bytes=KEEP[path]))
+    assert out.jsd.abs().max() < 1e-5
+    assert_close_stats(out, reference_stats(same, target[:1].expand(9, 2500)))
+
+
+@pytest.mark.parametrize("path", list(KEEP))
+@pytest.mark.parametrize("K", [3, 9])
+def test_sweep2_paths_split_vocabulary(K, path):
+    """Few rows split the vocabulary (3 spans, the last short): each thread keeps the
+    exponentials of its own items across the barrier; thread count does not change results."""
+    g = torch.Generator().manual_seed(9 + K)
+    N, V = 3, 40000
+    draft = make_logits((K, N, V), "masked", generator=g)
+    draft[0, 1, :20000] = float("-inf")  # a fully masked first span
+    draft[1, 2, 30000:] += 150.0  # the max jumps in the last span
+    target = make_logits((N, V), "normal", generator=g)
+    w = _weights(K, g)
+    runs = [_raw(draft, target, weights=w, num_threads=t, keep_bytes=KEEP[path]) for t in (1, 2, 3)]
+    assert_close_stats(_result(*runs[0]), reference_stats(draft, target, weights=w))
+    for other in runs[1:]:
+        for a, b in zip(runs[0][:3], other[:3]):
+            assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+    mixed = sum(x > 0 for x in w)
+    redone = 2048  # the block where draft 1's max jumps by 150 is redone from its own max
+    assert runs[0][3].exps == (K + 1) * N * V + redone + (0 if path == "kept" else mixed * N * V)
+
+
+def test_default_budget_keeps_up_to_4_mib_of_exponentials():
+    """keep_bytes = -1: one decode row over V = 128256 keeps 8 drafts' exponentials (4.1 MB) but
+    not 9 (4.6 MB); both agree with the reference."""
+    g = torch.Generator().manual_seed(10)
+    V = 128256
+    for K, kept in ((8, True), (9, False)):
+        draft = make_logits((K, 1, V), "peaked", dtype=torch.bfloat16, generator=g)
+        target = make_logits((1, V), "peaked", dtype=torch.bfloat16, generator=g)
+        out = _raw(draft, target)
+        assert_close_stats(_result(*out), reference_stats(draft, target))
+        assert (out[3].exps < (2 * K + 1) * V) == kept
