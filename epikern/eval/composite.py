@@ -1,11 +1,15 @@
-"""The unfused baseline of the kernel benchmarks: ``draft_uncertainty`` as an eager PyTorch
-composite, written the way a user would write it with stock ops (log-normalisers by logsumexp,
-log_softmax per draft, the mixture through logsumexp over drafts, entropies and KLs as sums over
-the vocabulary), and the same composite under ``torch.compile``.
+"""The unfused baselines of the kernel benchmarks, written the way a user would write them with
+stock PyTorch ops, eagerly or under ``torch.compile``:
 
-It computes in float32 and materialises several ``[K, N, V]`` tensors. It assumes finite logits
-(``0·log 0`` is not guarded, unlike :mod:`epikern.backends.reference`), so it is the *cheapest*
-natural composite, not the oracle. The CPU and GPU kernel benchmarks reuse it.
+* :func:`composite`: all of ``draft_uncertainty``'s outputs (log-normalisers by logsumexp,
+  log_softmax per draft, the mixture through logsumexp over drafts, entropies and KLs as sums
+  over the vocabulary);
+* :func:`lean_composite`: only the outputs a user asks for — ``jsd`` and ``kl`` for the split,
+  ``eu`` without it (SPEC §7 compares the kernel with this one).
+
+They compute in float32 and materialise several ``[K, N, V]`` tensors. They assume finite logits
+(``0·log 0`` is not guarded, unlike :mod:`epikern.backends.reference`), so they are the *cheapest*
+natural composites, not the oracle. The CPU and GPU kernel benchmarks reuse them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,31 @@ def composite(draft: Tensor, target: Optional[Tensor], weights: Tensor, temperat
             kl = (qbar * (log_qbar - log_p)).sum(-1)
     stats = torch.stack([eu, jsd, kl, draft_entropy, mixture_entropy, target_entropy])
     return stats, draft_lse, target_lse
+
+
+def lean_composite(draft: Tensor, target: Optional[Tensor], weights: Tensor, temperature: float = 1.0,
+                   decompose: bool = True) -> tuple[Tensor, ...]:
+    """Only the outputs asked for, each ``[N]`` float32, from ``draft [K, N, V]``, ``target [N, V]``
+    or None and ``weights [K]``:
+
+    * ``decompose`` with a target: ``(jsd, kl)``; without a target: ``(jsd,)``, the mutual
+      information — ``log q_k = log_softmax(z_k/T)``, ``log q̄ = logsumexp_k(log w_k + log q_k)``,
+      ``jsd = Σ_k w_k Σ_v q_k (log q_k − log q̄)``, ``kl = Σ_v q̄ (log q̄ − log p)``;
+    * not ``decompose``: ``(eu,)`` with ``eu = Σ_k w_k Σ_v q_k (log q_k − log p)`` (a target is
+      needed).
+    """
+    w = weights.to(device=draft.device, dtype=torch.float32)
+    log_q = torch.log_softmax(draft.float() / temperature, dim=-1)  # [K, N, V]
+    log_p = None if target is None else torch.log_softmax(target.float() / temperature, dim=-1)
+    if not decompose:
+        if log_p is None:
+            raise ValueError("lean_composite: eu (decompose=False) needs target logits")
+        return ((w.view(-1, 1) * (log_q.exp() * (log_q - log_p)).sum(-1)).sum(0),)
+    log_qbar = torch.logsumexp(log_q + w.log().view(-1, 1, 1), dim=0)  # [N, V]
+    jsd = (w.view(-1, 1) * (log_q.exp() * (log_q - log_qbar)).sum(-1)).sum(0)
+    if log_p is None:
+        return (jsd,)
+    return jsd, (log_qbar.exp() * (log_qbar - log_p)).sum(-1)
 
 
 def compiled_composite():

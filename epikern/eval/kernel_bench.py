@@ -1,15 +1,31 @@
-"""CPU benchmark of ``ek.draft_uncertainty`` (backend ``cpu``) against the eager PyTorch composite
-and ``torch.compile`` of it (:mod:`epikern.eval.composite`), in one run on one machine (SPEC §7).
+"""CPU benchmark of ``ek.draft_uncertainty`` (backend ``cpu``) against PyTorch composites, in one run
+on one machine (SPEC §7).
 
-    epikern bench [--quick] [--json PATH]
+    epikern bench [kernels] [--quick] [--json PATH]
     python benchmarks/bench_cpu_uncertainty.py [--quick] [--json PATH]   (the same)
 
 Shapes: K=4, N=512, V=32000 with fp32 and bf16 logits, and K=4, N=128, V=128256 bf16 (fewer rows
-to keep the eager composite's [K, N, V] float32 intermediates around 1-2 GB and the run within ~3
-minutes on 2 cores), each with decompose=False and True. Reports median times (one warm-up call
-each, then 3 rounds that run the kernel 3 times, eager once and compiled once, round-robin so that
-load from other processes falls on all three alike), the effective bandwidth (logit bytes read once ÷ time) and the speed-up
-of the kernel over eager and compiled PyTorch. The kernel's eu is checked against the composite.
+to keep the composites' [K, N, V] float32 intermediates around 1-2 GB), each with
+decompose=False and True. Contestants (:mod:`epikern.eval.composite`), each eagerly and under
+``torch.compile(dynamic=False)``:
+
+* the *full* composite: all six statistics, as the kernel returns them;
+* the *lean* composite: only the outputs asked for, the way a user writes them (jsd + kl with
+  the split: log_softmax per draft, logsumexp over drafts for the mixture, two sums; eu without).
+  SPEC §7's CPU target is stated against this one.
+
+Times are medians (one warm-up call each, then rounds that run the kernel 3 times and every
+composite once, round-robin, so that load from other processes falls on all of them alike); the
+1-minute load average is printed with every row. Columns:
+
+* ``GB/s``: logit bytes read once ÷ kernel time;
+* ``cyc/logit``: kernel time × threads × clock ÷ ((K + 1)·N·V); the clock is calibrated with a
+  timed chain of dependent integer adds (``/proc/cpuinfo`` "cpu MHz" is printed next to it);
+* ``exp/entry``, ``log/entry``: the transcendental work the kernel reports per vocabulary entry;
+* ``× floor``: kernel time ÷ the transcendental floor, N·V·((K + 1)·t_exp + t_log)/threads
+  (t_log only with the split), with t_exp and t_log the measured cost per element of the
+  kernel's own vectorised exp and log on one core with the data in L1 — what any exact method
+  needs (K + 1 exponentials per entry for the softmaxes, one logarithm for log q̄).
 """
 
 from __future__ import annotations
@@ -27,13 +43,15 @@ from pathlib import Path
 import torch
 
 import epikern as ek
-from epikern.eval.composite import composite
+from epikern.backends import cpu
+from epikern.eval.composite import composite, lean_composite
 
 SHAPES = [  # (K, N, V, dtype)
     (4, 512, 32000, torch.float32),
     (4, 512, 32000, torch.bfloat16),
     (4, 128, 128256, torch.bfloat16),
 ]
+CONTESTANTS = ("kernel", "eager", "compiled", "lean_eager", "lean_compiled")
 
 
 def _round_robin_ms(fns: dict, rounds: int, per_round: dict) -> dict:
@@ -51,6 +69,14 @@ def _round_robin_ms(fns: dict, rounds: int, per_round: dict) -> dict:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
+def _cpuinfo_mhz() -> float | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(float(l.split(":")[1]) for l in f if l.startswith("cpu MHz"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
 def _machine() -> dict:
     model = platform.processor()
     try:
@@ -58,13 +84,24 @@ def _machine() -> dict:
         model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
     except (OSError, subprocess.CalledProcessError, StopIteration):
         pass
+    cpu.check_available()
+    t_exp, t_log = cpu._cpu._transcendental_seconds()
     return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
+            "clock_hz": cpu._cpu._clock_hz(), "cpuinfo_mhz": _cpuinfo_mhz(),
+            "simd_lanes": cpu._cpu._simd_width, "exp_ns": t_exp * 1e9, "log_ns": t_log * 1e9,
             "loadavg_start": os.getloadavg()[0]}
+
+
+def _kernel_work(draft, target, weights, decompose) -> cpu.KernelWork:
+    K, N, _ = draft.shape
+    return cpu.draft_uncertainty_raw(draft, target, weights, 1.0, decompose, torch.empty(6, N),
+                                     torch.empty(K, N), torch.empty(N))
 
 
 def run(quick: bool = False) -> tuple[dict, list[dict]]:
     machine = _machine()
+    threads = machine["torch_threads"]
     rows = []
     gen = torch.Generator().manual_seed(0)
     shapes = SHAPES[:1] if quick else SHAPES
@@ -74,24 +111,42 @@ def run(quick: bool = False) -> tuple[dict, list[dict]]:
         weights = torch.full((K,), 1.0 / K)
         nbytes = (K + 1) * N * V * draft.element_size()
         compiled = torch.compile(composite, dynamic=False)
+        lean_compiled = torch.compile(lean_composite, dynamic=False)
         for decompose in (False, True):
-            kernel = lambda: ek.draft_uncertainty(draft, target, decompose=decompose, backend="cpu")  # noqa: E731
-            eager = lambda: composite(draft, target, weights, 1.0, decompose)  # noqa: E731
-            comp = lambda: compiled(draft, target, weights, 1.0, decompose)  # noqa: E731
-            ref = eager()[0][0]
-            assert torch.allclose(kernel().eu, ref, rtol=1e-3, atol=1e-3), "kernel disagrees with eager"
-            t0 = time.perf_counter()
-            comp()  # compile
-            compile_s = time.perf_counter() - t0
-            ms = _round_robin_ms({"kernel": kernel, "eager": eager, "compiled": comp},
-                                 rounds=2 if quick else 3, per_round={"kernel": 3})
-            t_kernel, t_eager, t_comp = ms["kernel"], ms["eager"], ms["compiled"]
+            fns = {
+                "kernel": lambda: ek.draft_uncertainty(draft, target, decompose=decompose, backend="cpu"),
+                "eager": lambda: composite(draft, target, weights, 1.0, decompose),
+                "compiled": lambda: compiled(draft, target, weights, 1.0, decompose),
+                "lean_eager": lambda: lean_composite(draft, target, weights, 1.0, decompose),
+                "lean_compiled": lambda: lean_compiled(draft, target, weights, 1.0, decompose),
+            }
+            out = fns["kernel"]()
+            assert torch.allclose(out.eu, fns["eager"]()[0][0], rtol=1e-3, atol=1e-3), "kernel eu != eager"
+            lean = fns["lean_eager"]()
+            mine = (out.jsd, out.kl) if decompose else (out.eu,)
+            assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-3) for a, b in zip(mine, lean)), \
+                "kernel != lean composite"
+            compile_s = {}
+            for name in ("compiled", "lean_compiled"):
+                t0 = time.perf_counter()
+                fns[name]()
+                compile_s[name] = time.perf_counter() - t0
+            ms = _round_robin_ms(fns, rounds=2 if quick else 3, per_round={"kernel": 3})
+            work = _kernel_work(draft, target, weights, decompose)
+            entries = N * V
+            floor_s = entries * ((K + 1) * machine["exp_ns"] + (machine["log_ns"] if decompose else 0.0)) \
+                * 1e-9 / threads
+            t = ms["kernel"] * 1e-3
             rows.append({
                 "K": K, "N": N, "V": V, "dtype": str(dtype).removeprefix("torch."),
-                "decompose": decompose, "kernel_ms": t_kernel, "eager_ms": t_eager,
-                "compiled_ms": t_comp, "compile_s": compile_s,
-                "kernel_GBps": nbytes / t_kernel / 1e6,
-                "speedup_vs_eager": t_eager / t_kernel, "speedup_vs_compiled": t_comp / t_kernel,
+                "decompose": decompose, **{f"{n}_ms": ms[n] for n in CONTESTANTS},
+                "compile_s": compile_s["compiled"], "lean_compile_s": compile_s["lean_compiled"],
+                "kernel_GBps": nbytes / t / 1e9,
+                "cycles_per_logit": t * threads * machine["clock_hz"] / ((K + 1) * entries),
+                "exps_per_entry": work.exps / entries, "logs_per_entry": work.logs / entries,
+                "floor_ms": floor_s * 1e3, "x_floor": t / floor_s,
+                **{f"speedup_vs_{n}": ms[n] / ms["kernel"] for n in CONTESTANTS[1:]},
+                "loadavg": os.getloadavg()[0],
             })
             print(_format_row(rows[-1]), flush=True)
     machine["loadavg_end"] = os.getloadavg()[0]
@@ -100,25 +155,41 @@ def run(quick: bool = False) -> tuple[dict, list[dict]]:
 
 def _format_row(r: dict) -> str:
     return (f"| {r['K']}×{r['N']}×{r['V']} | {r['dtype']} | {r['decompose']} | {r['kernel_ms']:.1f} | "
-            f"{r['kernel_GBps']:.2f} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
-            f"{r['speedup_vs_eager']:.1f}× | {r['speedup_vs_compiled']:.1f}× |")
+            f"{r['kernel_GBps']:.2f} | {r['cycles_per_logit']:.2f} | {r['exps_per_entry']:.2f} / "
+            f"{r['logs_per_entry']:.2f} | {r['floor_ms']:.1f} | {r['x_floor']:.2f}× | "
+            f"{r['eager_ms']:.0f} | {r['compiled_ms']:.0f} | {r['lean_eager_ms']:.0f} | "
+            f"{r['lean_compiled_ms']:.0f} | {r['speedup_vs_eager']:.1f}× | {r['speedup_vs_compiled']:.1f}× | "
+            f"{r['speedup_vs_lean_eager']:.1f}× | **{r['speedup_vs_lean_compiled']:.1f}×** | "
+            f"{r['loadavg']:.1f} |")
 
 
-HEADER = ("| K×N×V | dtype | decompose | kernel ms | kernel GB/s | eager ms | compiled ms | "
-          "vs eager | vs compiled |\n|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| K×N×V | dtype | decompose | kernel ms | GB/s | cyc/logit | exp / log per entry | floor ms | "
+          "× floor | eager ms | compiled ms | lean eager ms | lean compiled ms | vs eager | "
+          "vs compiled | vs lean eager | vs lean compiled | load |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _describe(machine: dict) -> str:
+    mhz = machine["cpuinfo_mhz"]
+    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['simd_lanes']} float lanes, clock "
+            f"{machine['clock_hz'] / 1e9:.2f} GHz (dependent-add chain; /proc/cpuinfo says "
+            f"{'?' if mhz is None else f'{mhz:.0f}'} MHz); exp {machine['exp_ns']:.3f} ns, "
+            f"log {machine['log_ns']:.3f} ns per element (one core, L1); torch {machine['torch']} "
+            f"({machine['torch_threads']} threads); load average {machine['loadavg_start']:.2f} → "
+            f"{machine['loadavg_end']:.2f}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="epikern bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", nargs="?", choices=["kernels"], default="kernels",
+                        help="what to benchmark (the CPU uncertainty kernels)")
     parser.add_argument("--json", type=Path, help="also write machine info and rows as JSON")
     parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
     args = parser.parse_args(argv)
     print(HEADER, flush=True)
     machine, rows = run(args.quick)
     print()
-    print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
-          f"({machine['torch_threads']} threads), load average {machine['loadavg_start']:.2f} → "
-          f"{machine['loadavg_end']:.2f}")
+    print(_describe(machine))
     print(HEADER)
     for r in rows:
         print(_format_row(r))
