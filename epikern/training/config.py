@@ -89,14 +89,18 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TinyModelConfig:
-    """The tiny Llama-style target (``transformers.LlamaConfig``; the vocabulary is the tokenizer's)."""
+    """The tiny Llama-style target (``transformers.LlamaConfig``; the vocabulary is the tokenizer's).
 
-    hidden_size: int = 128
-    intermediate_size: int = 352
-    num_layers: int = 4
+    The default (0.31 M parameters) reaches about 40 % held-out accuracy on the default task in 400
+    steps; a smaller model or fewer steps stays near 0 (the copying of operands is learnt late).
+    """
+
+    hidden_size: int = 96
+    intermediate_size: int = 256
+    num_layers: int = 3
     num_heads: int = 4
     num_kv_heads: int = 2
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 256
 
 
 @dataclass(frozen=True)
@@ -106,10 +110,10 @@ class TargetRecipe:
     Attributes:
         model: architecture of the tiny target.
         synthetic: keyword arguments of :class:`epikern.data.SyntheticConfig` (the task difficulty
-            and the data seed).
+            and the data seed). Default: 1-2 steps of ``+``/``-`` on one-digit numbers.
         train_problems: synthetic problems the target is trained on (cross-entropy on the answer).
-        heldout_problems: disjoint problems (:func:`epikern.data.generate_splits`) on which its
-            greedy accuracy is measured.
+        heldout_problems: disjoint problems (:func:`epikern.data.generate_splits`: no question or
+            worked answer of the training set) on which its greedy accuracy is measured.
         response_prompts: training prompts for which R responses are sampled (the drafts' data).
         responses_per_prompt: R.
         max_new_tokens: cap of a sampled or greedy answer.
@@ -117,14 +121,17 @@ class TargetRecipe:
     """
 
     model: TinyModelConfig = TinyModelConfig()
-    synthetic: dict = field(default_factory=dict)
-    train_problems: int = 4000
+    synthetic: dict = field(default_factory=lambda: {"steps": (1, 2), "digits": (1, 1), "ops": ("+", "-")})
+    train_problems: int = 12000
     heldout_problems: int = 300
     response_prompts: int = 256
     responses_per_prompt: int = 4
-    max_new_tokens: int = 96
-    train: TrainConfig = TrainConfig(steps=600, batch_size=32, lr=3e-3, warmup_steps=30,
-                                     checkpoint_every=200)
+    max_new_tokens: int = 64
+    train: TrainConfig = TrainConfig(steps=400, batch_size=32, lr=5e-3, warmup_steps=20, checkpoint_every=100)
+
+    def __post_init__(self):
+        # kept in its JSON form (lists), so that a recipe equals its own round trip through JSON
+        object.__setattr__(self, "synthetic", json_ready(dict(self.synthetic)))
 
 
 @dataclass(frozen=True)
@@ -168,8 +175,7 @@ class DraftsRecipe:
     prompts: int = 8
     responses_per_prompt: int = 1
     max_new_tokens: int = 32
-    train: TrainConfig = TrainConfig(steps=150, batch_size=32, lr=2e-3, warmup_steps=10,
-                                     checkpoint_every=50)
+    train: TrainConfig = TrainConfig(steps=80, batch_size=16, lr=2e-3, warmup_steps=8, checkpoint_every=40)
 
     @property
     def num_drafts(self) -> int:
@@ -198,8 +204,7 @@ class ProxyRecipe:
     osd_members: int = 2
     sigma: float = 0.1
     rank: int = 8
-    train: TrainConfig = TrainConfig(steps=150, batch_size=32, lr=3e-4, warmup_steps=10,
-                                     checkpoint_every=50)
+    train: TrainConfig = TrainConfig(steps=40, batch_size=16, lr=3e-4, warmup_steps=4, checkpoint_every=20)
 
 
 def to_dict(config) -> dict:

@@ -39,25 +39,28 @@ def mean_jsd(target: nn.Module, drafts: DraftEnsemble, examples: Sequence[Exampl
 
 
 @torch.no_grad()
-def kl_to_perturbed_average(model: nn.Module, perturbation, examples: Sequence[Example], *, pad_id: int,
-                            members: int = 16, seed: int = 0, batch_size: int = 16) -> float:
-    """Mean ``KL(p̄ ‖ p_model)`` (nats) over the response tokens; ``p̄`` averages ``members`` perturbed targets.
+def kl_to_perturbed_average(models: Sequence[nn.Module], perturbation, examples: Sequence[Example], *, pad_id: int,
+                            members: int = 16, seed: int = 0, batch_size: int = 16) -> list[float]:
+    """Mean ``KL(p̄ ‖ p_model)`` (nats) over the response tokens, one number per model.
 
-    The noise is drawn from ``torch.Generator().manual_seed(seed)``, so two models compared with the
-    same ``seed`` are measured against the same perturbed average.
+    ``p̄`` averages ``members`` perturbed targets (noise from ``torch.Generator().manual_seed(seed)``),
+    computed once per batch and shared by all ``models``, so they are measured against the same
+    perturbed average.
     """
-    generator = torch.Generator(device=_device(model)).manual_seed(seed)
-    total, count = 0.0, 0
+    device = _device(perturbation.model)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    totals, count = [0.0] * len(models), 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id, _device(model))
+        batch = collate(examples[start:start + batch_size], pad_id, device)
         rows = batch["labels"] != IGNORE
         z = perturbation.member_logits(batch["input_ids"], batch["attention_mask"], num_members=members,
                                        include_clean=False, generator=generator)[:, rows]
         average = torch.logsumexp(torch.log_softmax(z.float(), dim=-1), dim=0) - math.log(members)
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[rows]
-        total += float(forward_kl(logits.float(), average, reduction="sum"))
+        for i, model in enumerate(models):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[rows]
+            totals[i] += float(forward_kl(logits.float(), average, reduction="sum"))
         count += int(rows.sum())
-    return total / max(count, 1)
+    return [t / max(count, 1) for t in totals]
 
 
 def _device(model: nn.Module) -> torch.device:

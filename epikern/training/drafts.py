@@ -146,7 +146,7 @@ def train_drafts(recipe: DraftsRecipe, out: Path, *, resume: bool = False, dist:
         check_same_vocab(source, target, "draft")
     check_draft_layers(source.config.num_hidden_layers, recipe.shared_layers, recipe.branch_layers)
     plan(recipe, prompt_count(recipe, target))  # every check before anything is written
-    out = claim(Path(out), to_dict(recipe), resume=resume, is_main=dist.is_main)
+    out = claim(Path(out), to_dict(recipe), resume=resume, dist=dist)
     responses = distillation_responses(recipe, target, tokenizer, out, dist)
     prompts = sorted({r.prompt for r in responses})
     by_prompt = {p: [r.example() for r in responses if r.prompt == p] for p in prompts}

@@ -41,11 +41,12 @@ Teacher = Callable[[dict, Sequence[Example]], Tensor]
 
 @dataclass
 class TrainResult:
-    """What :func:`train` did: the mean loss of every step (resumed steps included) and where it began."""
+    """What :func:`train` did: the mean loss of every step (resumed steps included), where it began,
+    and its throughput in tokens (padding excluded) per second (None when it ran no step)."""
 
     losses: list[float] = field(default_factory=list)
     start_step: int = 0
-    tokens_per_second: float = float("nan")
+    tokens_per_second: Optional[float] = None
 
 
 def train(objective: nn.Module, examples: Sequence[Example], config: TrainConfig, *, pad_id: int,
@@ -141,8 +142,8 @@ def train(objective: nn.Module, examples: Sequence[Example], config: TrainConfig
         losses.append(loss)
         tokens += int(dist.sum(batch["attention_mask"].sum()))
         tokens_per_second = tokens / (time.perf_counter() - t0)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:,.0f}")
 
         done = step + 1
         if checkpoint is not None and (done == config.steps or (config.checkpoint_every

@@ -13,15 +13,17 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 from ..models.loading import CheckpointError
 from .config import config_diff
+from .distributed import Distributed
 
 RECIPE_NAME = "recipe.json"
 
 
-def claim(out: Path, recipe: dict, *, resume: bool, is_main: bool = True) -> Path:
-    """Make ``out`` this run's directory (rank 0 writes ``recipe.json``).
+def claim(out: Path, recipe: dict, *, resume: bool, dist: Optional[Distributed] = None) -> Path:
+    """Make ``out`` this run's directory: every process checks, then rank 0 writes ``recipe.json``.
 
     Raises:
         CheckpointError: ``out`` holds files but ``resume`` is False (nothing is touched); ``resume``
@@ -46,9 +48,13 @@ def claim(out: Path, recipe: dict, *, resume: bool, is_main: bool = True) -> Pat
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"{out} already holds files (a previous run?); nothing was changed. Pass --resume "
                               "to continue that run, or choose an empty --out directory")
-    if is_main:
+    if dist is not None:
+        dist.barrier()  # every process has looked before rank 0 writes
+    if dist is None or dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_json(saved_path, recipe)
+    if dist is not None:
+        dist.barrier()
     return out
 
 
@@ -57,6 +63,15 @@ def write_json(path: Path, obj) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Write one JSON object per line, atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
     os.replace(tmp, path)
 
 

@@ -49,7 +49,7 @@ def train_proxy(recipe: ProxyRecipe, out: Path, *, resume: bool = False, dist: O
     t0 = time.perf_counter()
     target, tokenizer = load_causal_lm(recipe.target, device=dist.device)
     target.requires_grad_(False)
-    out = claim(Path(out), to_dict(recipe), resume=resume, is_main=dist.is_main)
+    out = claim(Path(out), to_dict(recipe), resume=resume, dist=dist)
     responses = distillation_responses(recipe, target, tokenizer, out, dist)
 
     proxy = copy.deepcopy(target).requires_grad_(True).train()

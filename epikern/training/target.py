@@ -101,7 +101,7 @@ def train_target(recipe: TargetRecipe, out: Path, *, resume: bool = False, dist:
         CheckpointError: ``out`` holds another run, or ``resume`` finds no, a corrupt, or a different run.
     """
     dist = dist or setup()
-    out = claim(Path(out), to_dict(recipe), resume=resume, is_main=dist.is_main)
+    out = claim(Path(out), to_dict(recipe), resume=resume, dist=dist)
     t0 = time.perf_counter()
     tokenizer = char_tokenizer()
     train_problems, heldout = generate_splits(recipe.train_problems, recipe.heldout_problems,
