@@ -19,7 +19,7 @@ def target(quick: bool = False) -> TargetRecipe:
     if not quick:
         return base
     return dataclasses.replace(base, train_problems=6000, heldout_problems=200, response_prompts=96,
-                               train=dataclasses.replace(base.train, steps=200, lr=8e-3, warmup_steps=15))
+                               train=dataclasses.replace(base.train, steps=200, batch_size=24, lr=8e-3, warmup_steps=15))
 
 
 def drafts(quick: bool = False) -> DraftsRecipe:
