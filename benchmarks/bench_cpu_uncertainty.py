@@ -1,5 +1,6 @@
-"""CPU kernel benchmark (SPEC §7): ``epikern bench`` runs the same code; see
-:mod:`epikern.eval.kernel_bench`.
+"""CPU kernel benchmark (SPEC §7): ``epikern bench kernels`` runs the same code; see
+:mod:`epikern.eval.kernel_bench` (kernel vs the full and the lean composites, eager and
+compiled; cycles per logit and the transcendental floor).
 
     python benchmarks/bench_cpu_uncertainty.py [--quick] [--json PATH]
 """

@@ -10,17 +10,18 @@
 // depend on the thread count); with fewer than kSplitRows rows and V ≥ 2·kSplitSpan over
 // (row, vocabulary span) items instead, partial states merged in span order. Per row/span:
 //
-//   sweep 1: blocks of kBlock entries, ONE vectorised pass per distribution and block: e^{x − r}
-//            with the origin r = the max of the earlier blocks (one exponential per logit),
-//            accumulating s, t, the cross term c against the reference and the block max; the
-//            origin then moves to the new max (a block that starts a row, or rises more than
-//            kMaxAhead above the origin, is redone from its own max). With the split, when the
-//            row's (or the few rows') K·V exponentials fit the cache budget (`keep_bytes`), the
-//            drafts' e^{x − r} are KEPT in a per-thread buffer with their block origins r.
+//   sweep 1: blocks of kBlock entries, ONE vectorised pass per distribution and block: 2^{x − r}
+//            (base 2, see kLn2) with the origin r = the max of the earlier blocks (one
+//            exponential per logit), accumulating s, t, the cross term c against the reference
+//            and the block max; the origin then moves to the new max (a block that starts a row,
+//            or rises more than kMaxAhead above the origin, is redone from its own max). With the
+//            split, when the row's (or the few rows') K·V exponentials fit the cache budget
+//            (`keep_bytes`), the drafts' 2^{x − r} are KEPT in a per-thread buffer with their
+//            block origins r.
 //   sweep 2 (decompose only), per entry v, drafts with w_k > 0:
-//            w_k q_kv = kept e_kv · w_k e^{r_kb − lse_k}   (one multiply; no exponential)
-//                       or e^{log w_k + x_kv − lse_k}      (one exponential, when not kept)
-//            q̄_v = Σ_k w_k q_kv,  log q̄_v (the one logarithm per entry),
+//            w_k q_kv = kept e_kv · w_k 2^{r_kb − lse_k}   (one multiply; no exponential)
+//                       or 2^{log2 w_k + x_kv − lse_k}     (one exponential, when not kept)
+//            q̄_v = Σ_k w_k q_kv,  log2 q̄_v (the one logarithm per entry),
 //            jsd += Σ_k w_k q_kv (log q_kv − log q̄_v),  H(q̄) −= q̄_v log q̄_v,
 //            KL(q̄ ‖ p) += q̄_v (log q̄_v − y_v + lse_p).
 //            So the split costs K + 1 exponentials and one logarithm per entry in all (the floor
@@ -33,9 +34,8 @@
 //            re-read comes mostly from cache.
 //
 // The kernel returns its work: logit elements read ((K + has_p)·N·V in sweep 1, the same minus
-// the drafts with w_k = 0 in sweep 2) and the
-// exponentials and logarithms it evaluated in the vector loops (the per-block scalar rescales
-// are not counted).
+// the drafts with w_k = 0 in sweep 2) and the exponentials and logarithms it evaluated in the
+// vector loops (the per-block scalar rescales are not counted).
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
@@ -62,26 +62,31 @@ constexpr int64_t W = S::kWidth;
 constexpr int64_t kBlock = 2048;             // sweep-1 block: one origin per draft and block
 constexpr int64_t kSplitRows = 8;            // fewer rows: split the vocabulary across threads
 constexpr int64_t kSplitSpan = 8 * kBlock;   // vocabulary span of one work item when split
-// Default budget of kept exponentials (4 bytes per draft and entry) per row, or for all rows of
-// the split path: a row of a few drafts over a 32k-128k vocabulary, which stays in L2/L3
-// between the sweeps (see benchmarks for the measurement that set it).
-constexpr int64_t kKeepBytes = int64_t{4} << 20;
+// Default budget of kept exponentials (4 bytes per draft with w_k > 0 and entry) per row, or for
+// all rows of the split path. Measured on a 2-core AMD EPYC (Zen 3, 512 KiB L2), one thread, bf16
+// logits over V = 128256: keeping beats recomputing at K = 8 (4 MB: 3.75 vs 4.55 cycles per
+// logit) and K = 16 (8 MB: 4.08 vs 4.96), so up to 8 MiB per thread is kept.
+constexpr int64_t kKeepBytes = int64_t{8} << 20;
 // Not kept: sweep 2 computes the w_k q_k of a stretch of entries first, ≤ this many floats.
 constexpr int64_t kStretchFloats = 4096;
-// How far above the current origin a block may reach before it is redone from its own max. It
-// keeps the sums far from overflow (kBlock · e^16 · 16 ≪ FLT_MAX), keeps e^{x − r} inside the
-// range of simd::exp, and bounds the cancellation in the rescale t' = a·(t + (m − m')·s) of the
-// block's own terms to ≈ ε·16 relative.
-constexpr float kMaxAhead = 16.f;
-// x − r (and log q) are clamped here (NaN kept): e^{−104} = 0 in fp32, so e·(x − r) = 0 for
+// The sweeps work in base 2 (bits): x = logit · log2(e)/T, exponentials 2^{x − r} (simd::exp2),
+// log2 q̄; the states (m, s, t, c) of the header are then in bits and finish1 converts them to
+// nats (m, t, c times ln 2).
+constexpr float kLn2 = 0.693147180559945309f;
+// How far (bits) above the current origin a block may reach before it is redone from its own
+// max. It keeps the sums far from overflow (kBlock · 2^24 · 24 ≪ FLT_MAX), keeps 2^{x − r} inside
+// the range of simd::exp2, and bounds the cancellation in the rescale t' = a·(t + (m − m')·s) of
+// the block's own terms to ≈ ε·24 relative.
+constexpr float kMaxAhead = 24.f;
+// x − r (and log2 q) are clamped here (NaN kept): 2^{−150} = 0 in fp32, so e·(x − r) = 0 for
 // x = −inf without a 0·(−inf), and nothing with a nonzero probability is clamped.
-constexpr float kFloor = -104.f;
+constexpr float kFloor = -150.f;
 
 int64_t round_up(int64_t n) { return (n + W - 1) / W * W; }
 int64_t blocks_of(int64_t span) { return (span + kBlock - 1) / kBlock; }
 
-struct LibmExp {
-  float operator()(float x) const { return std::exp(x); }
+struct LibmExp2 {  // the header's rescale and merge, in bits
+  float operator()(float x) const { return std::exp2(x); }
 };
 
 // Work of one call (or thread).
@@ -102,7 +107,7 @@ struct Args {
   const void* target;  // nullptr: no reference
   int64_t target_stride_n;
   const float* weights;
-  float inv_temperature;
+  float bits_per_logit;  // log2(e)/T
   bool decompose;
   float* stats;
   int64_t stats_stride_row, stats_stride_n;
@@ -115,16 +120,16 @@ struct Args {
 
 // ---- sweep 1 --------------------------------------------------------------------------------------
 
-// Sums of one vectorised pass over a block, relative to the origin r (x = logit / T).
+// Sums of one vectorised pass over a block, relative to the origin r (x = logit · log2(e)/T).
 struct PassSums {
-  float s, t, c;  // Σ e, Σ e·(x − r), Σ e·(x − y) with e = e^{x − r}
+  float s, t, c;  // Σ e, Σ e·(x − r), Σ e·(x − y) with e = 2^{x − r}
   float max;      // block max of x (NaN ignored; −inf if none finite)
   float ymin;     // kStoreY: min of the stored x (−inf present: the drafts guard their cross term)
 };
 
 // One pass over src[0, len) relative to r. kCross: cross term against the scaled reference y
-// (kGuard: y holds −inf, so e = 0 must give 0, not 0·inf). kKeep: e^{x − r} to out. kStoreY
-// (the reference itself): x to out, and 0 in the padding lanes after len.
+// (kGuard: y holds −inf, so e = 0 must give 0, not 0·inf). kKeep: 2^{x − r} to out. kStoreY
+// (the reference itself): x to out, and 0 in the padding lanes after len. inv_t: log2(e)/T.
 template <class T, bool kCross, bool kGuard, bool kKeep, bool kStoreY>
 PassSums pass1(const T* __restrict src, int64_t len, float inv_t, float r, const float* __restrict y,
                float* __restrict out) {
@@ -133,7 +138,7 @@ PassSums pass1(const T* __restrict src, int64_t len, float inv_t, float r, const
   const auto step = [&](vf v, int64_t i) {
     mx = S::max_skip_nan(mx, v);
     const vf d = S::max_keep_nan(lo, v * vinv + vnr);
-    const vf e = S::exp(d);
+    const vf e = S::exp2(d);
     s += e;
     t += e * d;
     if constexpr (kCross) {
@@ -199,9 +204,9 @@ float accumulate(SoftmaxState& st, const T* src, int64_t len, float inv_t, const
     st.s += b.s;
     st.t += b.t;
     st.c += b.c;
-    if (b.max > st.m) softmax_rescale(st, b.max, LibmExp{});
+    if (b.max > st.m) softmax_rescale(st, b.max, LibmExp2{});
   } else {  // st is empty (or all −inf/NaN so far), or the block was redone at r = its max
-    if (b.max > st.m) softmax_rescale(st, b.max, LibmExp{});
+    if (b.max > st.m) softmax_rescale(st, b.max, LibmExp2{});
     st.s += b.s;
     st.t += b.t;
     st.c += b.c;
@@ -219,8 +224,8 @@ struct MixtureSums {
 template <class TD>
 struct DraftBlock {
   const TD* x;     // logits
-  const float* e;  // e_k with w_k q_k = e_k·f: the kept e^{x − r}, or w_k q_k itself (f = 1)
-  float f;         // w_k e^{r − lse_k} (kept), or 1
+  const float* e;  // e_k with w_k q_k = e_k·f: the kept 2^{x − r}, or w_k q_k itself (f = 1)
+  float f;         // w_k 2^{r − lse_k} (kept), or 1
   float neg_lse;   // −lse_k
 };
 
@@ -231,10 +236,11 @@ struct Acc2 {
 };
 
 // Sweep-2 sums over entries [0, len) of one stretch, in L1-sized passes that keep few values
-// live (16 vector registers on AVX2 do not hold K drafts' constants and the accumulators):
-//   A: q̄ = Σ_k e_k f_k into qbar, then log q̄ into lq with H(q̄) and KL(q̄ ‖ p);
+// live (16 vector registers on AVX2 do not hold K drafts' constants and the accumulators; a loop
+// fusing A1 and A2 for K ≤ 8 measured no faster):
+//   A1: q̄ = Σ_k e_k f_k into qbar; A2: log q̄ into lq, with H(q̄) and KL(q̄ ‖ p);
 //   B, per draft: Σ e_k (log q_k − log q̄), times f_k (f is constant over the stretch).
-// qbar and lq hold round_up(len) floats.
+// qbar and lq hold round_up(len) floats. Everything in bits.
 template <bool kHasP, class TD, class TP>
 MixtureSums mixture_block(const DraftBlock<TD>* dk, int64_t kd, const TP* __restrict yp, float inv_t,
                           float lse_p, int64_t len, float* __restrict qbar, float* __restrict lq) {
@@ -249,7 +255,7 @@ MixtureSums mixture_block(const DraftBlock<TD>* dk, int64_t kd, const TP* __rest
   Acc2 H, KL;  // A2
   const vf vlse_p = S::splat(lse_p);
   const auto entropy_kl = [&](vf q, vf y, vf& h, vf& kl, float* out) {
-    const vf l = S::log(q);  // finite for q̄ = 0, whose terms are 0 below
+    const vf l = S::log2(q);  // finite for q̄ = 0, whose terms are 0 below
     S::store(out, l);
     h += q * l;
     if (kHasP) kl += S::where_nonzero(q, q * ((l + vlse_p) - y * vinv));
@@ -281,7 +287,7 @@ MixtureSums mixture_block(const DraftBlock<TD>* dk, int64_t kd, const TP* __rest
   return {jsd, -H.sum(), KL.sum()};
 }
 
-// The not-kept case: w_k q_k = e^{log w_k + log q_k} of one stretch into e (K rows of ld floats).
+// The not-kept case: w_k q_k = 2^{log2 w_k + log2 q_k} of one stretch into e (K rows of ld floats).
 template <class TD>
 void mixture_weights(DraftBlock<TD>* dk, int64_t kd, const float* log_w, float inv_t, int64_t len,
                      float* __restrict e, int64_t ld) {
@@ -291,9 +297,9 @@ void mixture_weights(DraftBlock<TD>* dk, int64_t kd, const float* log_w, float i
     float* __restrict ek = e + k * ld;
     const vf neg_lse = S::splat(dk[k].neg_lse), lw = S::splat(log_w[k]);
     int64_t i = 0;
-    for (; i + W <= len; i += W) S::store(ek + i, S::exp(S::max_keep_nan(lo, S::load(x + i) * vinv + neg_lse) + lw));
+    for (; i + W <= len; i += W) S::store(ek + i, S::exp2(S::max_keep_nan(lo, S::load(x + i) * vinv + neg_lse) + lw));
     if (i < len)
-      S::store(ek + i, S::exp(S::max_keep_nan(lo, S::load_partial(x + i, len - i, -INFINITY) * vinv + neg_lse) + lw));
+      S::store(ek + i, S::exp2(S::max_keep_nan(lo, S::load_partial(x + i, len - i, -INFINITY) * vinv + neg_lse) + lw));
     dk[k].e = ek;
     dk[k].f = 1.f;
   }
@@ -303,7 +309,8 @@ void mixture_weights(DraftBlock<TD>* dk, int64_t kd, const float* log_w, float i
 
 // Sweep-1 results of one row.
 struct RowSweep1 {
-  float lse_p, eu, draft_entropy, target_entropy;
+  float lse2_p;  // the reference's log-normaliser in bits (for sweep 2)
+  float eu, draft_entropy, target_entropy;
 };
 
 // Per-thread buffers of one range (row or span): the reference block, the kept exponentials
@@ -320,13 +327,13 @@ struct RangeBuffers {
 template <class TD, class TP, bool kHasP>
 struct DraftUncertaintyKernel {
   const Args& a;
-  std::vector<float> log_w;   // log w_k (−inf for w_k = 0)
+  std::vector<float> log_w;   // log2 w_k (−inf for w_k = 0)
   std::vector<int64_t> active;  // drafts with w_k > 0: the only ones in the mixture
   bool keep;                  // sweep 1 keeps the active drafts' exponentials for sweep 2
 
   explicit DraftUncertaintyKernel(const Args& args) : a(args), log_w(args.K) {
     for (int64_t k = 0; k < a.K; ++k) {
-      log_w[k] = std::log(a.weights[k]);
+      log_w[k] = std::log2(a.weights[k]);
       if (a.weights[k] > 0.f || std::isnan(a.weights[k])) active.push_back(k);
     }
     const int64_t rows = split() ? a.N : 1;  // the split path keeps all its rows at once
@@ -375,7 +382,7 @@ struct DraftUncertaintyKernel {
   // Sweep 1 over [vb, ve) of row n into states[0, K) (drafts, with their cross terms) and
   // states[K] (the reference); kept exponentials and origins into `buf`.
   Work sweep1(int64_t n, int64_t vb, int64_t ve, SoftmaxState* states, const RangeBuffers& buf) const {
-    const float inv_t = a.inv_temperature;
+    const float inv_t = a.bits_per_logit;
     Work w;
     for (int64_t v0 = vb, b = 0; v0 < ve; v0 += kBlock, ++b) {
       const int64_t len = std::min(kBlock, ve - v0);
@@ -408,26 +415,41 @@ struct DraftUncertaintyKernel {
     return w;
   }
 
-  // Row results of complete sweep-1 states and lse[K]; writes draft_lse and target_lse if `store`.
-  RowSweep1 finish1(int64_t n, const SoftmaxState* states, float* lse, bool store) const {
+  // Row results (nats) of complete sweep-1 states (bits); lse2[K] receives the drafts'
+  // log-normalisers in bits for sweep 2. Writes draft_lse and target_lse if `store`.
+  RowSweep1 finish1(int64_t n, const SoftmaxState* states, float* lse2, bool store) const {
+    const auto nats = [](SoftmaxState st) {
+      st.m *= kLn2;
+      st.t *= kLn2;
+      st.c *= kLn2;
+      return st;
+    };
+    const auto lse_bits = [](const SoftmaxState& st) { return exp_origin(st.m) + std::log2(st.s); };
     const float nan = NAN;
-    RowSweep1 r{kHasP ? softmax_lse(states[a.K]) : nan, 0.f, 0.f,
-                kHasP ? softmax_entropy(states[a.K]) : nan};
-    for (int64_t k = 0; k < a.K; ++k) {
-      lse[k] = softmax_lse(states[k]);
-      if (store) a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse[k];
-      r.draft_entropy += prob_times(a.weights[k], softmax_entropy(states[k]));
-      if (kHasP) r.eu += prob_times(a.weights[k], softmax_kl(states[k], lse[k], r.lse_p));
+    RowSweep1 r{nan, kHasP ? 0.f : nan, 0.f, nan};
+    float lse_p = nan;
+    if (kHasP) {
+      r.lse2_p = lse_bits(states[a.K]);
+      lse_p = r.lse2_p * kLn2;
+      r.target_entropy = softmax_entropy(nats(states[a.K]));
     }
-    if (!kHasP) r.eu = nan;
-    if (store) a.target_lse[n * a.target_lse_stride_n] = r.lse_p;
+    for (int64_t k = 0; k < a.K; ++k) {
+      lse2[k] = lse_bits(states[k]);
+      const float lse = lse2[k] * kLn2;
+      const SoftmaxState st = nats(states[k]);
+      if (store) a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = lse;
+      r.draft_entropy += prob_times(a.weights[k], softmax_entropy(st));
+      if (kHasP) r.eu += prob_times(a.weights[k], softmax_kl(st, lse, lse_p));
+    }
+    if (store) a.target_lse[n * a.target_lse_stride_n] = lse_p;
     return r;
   }
 
   // Sweep 2 over [vb, ve) of row n (mixture of the active drafts), added to `sums`; blocks
   // backwards (sweep 1 read the end last). Not kept: stretches of `stretch` entries whose
   // w_k q_k are computed into tb.w first.
-  Work sweep2(int64_t n, int64_t vb, int64_t ve, const float* lse, float lse_p, MixtureSums& sums,
+  // lse2, lse2_p: log-normalisers in bits; the sums are in bits too (write converts them).
+  Work sweep2(int64_t n, int64_t vb, int64_t ve, const float* lse2, float lse2_p, MixtureSums& sums,
               const RangeBuffers& buf, ThreadBuffers& tb) const {
     const int64_t kd = static_cast<int64_t>(active.size());
     const bool kept = buf.e != nullptr;
@@ -441,18 +463,18 @@ struct DraftUncertaintyKernel {
         for (int64_t j = 0; j < kd; ++j) {
           const int64_t k = active[j];
           dk[j].x = draft_row(n, k) + v0;
-          dk[j].neg_lse = -lse[k];
+          dk[j].neg_lse = -lse2[k];
           if (kept) {
             dk[j].e = buf.e + k * buf.ld + (v0 - vb);
-            dk[j].f = a.weights[k] * std::exp(buf.origins[k * buf.blocks + b] - lse[k]);
+            dk[j].f = a.weights[k] * std::exp2(buf.origins[k * buf.blocks + b] - lse2[k]);
           }
         }
         if (!kept) {
-          mixture_weights(dk, kd, tb.active_log_w.data(), a.inv_temperature, len, tb.w.get(), stretch);
+          mixture_weights(dk, kd, tb.active_log_w.data(), a.bits_per_logit, len, tb.w.get(), stretch);
           w.exps += len * kd;
         }
         const MixtureSums s = mixture_block<kHasP>(dk, kd, kHasP ? target_row(n) + v0 : nullptr,
-                                                   a.inv_temperature, lse_p, len, tb.qbar.get(), tb.lq.get());
+                                                   a.bits_per_logit, lse2_p, len, tb.qbar.get(), tb.lq.get());
         sums.jsd += s.jsd;
         sums.entropy += s.entropy;
         sums.kl += s.kl;
@@ -463,16 +485,16 @@ struct DraftUncertaintyKernel {
     return w;
   }
 
-  // stats[:, n]; `mix` is null without the mixture sweep.
+  // stats[:, n]; `mix` (sweep 2's sums, in bits) is null without the mixture sweep.
   void write(int64_t n, const RowSweep1& r, const MixtureSums* mix) const {
     const float nan = NAN;
     float* out = a.stats + n * a.stats_stride_n;
     const int64_t rs = a.stats_stride_row;
     out[0 * rs] = r.eu;
-    out[1 * rs] = mix ? mix->jsd : nan;
-    out[2 * rs] = mix && kHasP ? mix->kl : nan;
+    out[1 * rs] = mix ? mix->jsd * kLn2 : nan;
+    out[2 * rs] = mix && kHasP ? mix->kl * kLn2 : nan;
     out[3 * rs] = r.draft_entropy;
-    out[4 * rs] = mix ? mix->entropy : nan;
+    out[4 * rs] = mix ? mix->entropy * kLn2 : nan;
     out[5 * rs] = r.target_entropy;
   }
 
@@ -492,7 +514,7 @@ struct DraftUncertaintyKernel {
         const RowSweep1 r = finish1(n, states.data(), lse.data(), true);
         MixtureSums mix{0.f, 0.f, 0.f};
         if (a.decompose)
-          work += sweep2(n, 0, a.V, lse.data(), r.lse_p, mix, buf, tb);
+          work += sweep2(n, 0, a.V, lse.data(), r.lse2_p, mix, buf, tb);
         write(n, r, a.decompose ? &mix : nullptr);
       }
     }
@@ -527,12 +549,12 @@ struct DraftUncertaintyKernel {
         if (!a.decompose && j != 0) continue;  // without sweep 2: one merge per row
         std::copy(&part[n * spans * K1], &part[(n * spans + 1) * K1], row.begin());
         for (int64_t jj = 1; jj < spans; ++jj)
-          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], part[(n * spans + jj) * K1 + k], LibmExp{});
+          for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], part[(n * spans + jj) * K1 + k], LibmExp2{});
         const RowSweep1 r = finish1(n, row.data(), lse.data(), j == 0);  // same in every item
         if (j == 0) rows[n] = r;
         if (a.decompose) {
           const int64_t vb = j * kSplitSpan;
-          work += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), lse.data(), r.lse_p, sums[i],
+          work += sweep2(n, vb, std::min(a.V, vb + kSplitSpan), lse.data(), r.lse2_p, sums[i],
                          tb.range(i - lo, a.K), tb);
         }
       }
@@ -565,7 +587,7 @@ py::tuple draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t
   if (K < 1 || N < 0 || V < 1) throw std::invalid_argument("epikern._cpu.draft_uncertainty: bad K/N/V");
   const Args a{reinterpret_cast<const void*>(draft), K, N, V, draft_stride_k, draft_stride_n,
                reinterpret_cast<const void*>(target), target_stride_n,
-               reinterpret_cast<const float*>(weights), static_cast<float>(1.0 / temperature),
+               reinterpret_cast<const float*>(weights), static_cast<float>(1.4426950408889634 / temperature),
                decompose, reinterpret_cast<float*>(stats), stats_stride_row, stats_stride_n,
                reinterpret_cast<float*>(draft_lse), draft_lse_stride_k, draft_lse_stride_n,
                reinterpret_cast<float*>(target_lse), target_lse_stride_n,
@@ -600,7 +622,7 @@ void bind_draft_uncertainty(py::module_& m) {
         "1 = float16, 2 = bfloat16; target = 0 for none). Writes stats[6, N], draft_lse[K, N] and "
         "target_lse[N] (float32). keep_bytes: budget of the exponentials sweep 1 keeps for sweep 2 "
         "(4 bytes per draft with w_k > 0 and entry, for one row, or for all rows when the "
-        "vocabulary is split; −1: the default, 4 MiB; 0: never keep). Returns (logit elements "
+        "vocabulary is split; −1: the default, 8 MiB; 0: never keep). Returns (logit elements "
         "read, exponentials, logarithms) evaluated in the vector loops.");
 }
 

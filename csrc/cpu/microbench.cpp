@@ -1,5 +1,5 @@
 // Micro-benchmarks behind `epikern bench` (epikern/eval/kernel_bench.py): the core clock, and the
-// cost of the kernels' own vectorised exp and log per element (simd.h), from which the benchmark
+// cost of the kernels' own vectorised exp2 and log2 per element (simd.h), from which the benchmark
 // computes the transcendental floor of draft_uncertainty (K + 1 exponentials and one logarithm
 // per vocabulary entry). Single thread, data in L1, thread CPU time, best of several trials.
 #include <pybind11/pybind11.h>
@@ -54,14 +54,14 @@ double clock_hz(int64_t iterations) {
   return 4.0 * static_cast<double>(iterations) / s;
 }
 
-// Seconds per element of simd::exp and simd::log over 2048 floats in L1 (summed with two
+// Seconds per element of simd::exp2 and simd::log2 over 2048 floats in L1 (summed with two
 // accumulators so that the sum's latency does not bound the loop); arguments as the kernel sees
-// them (exp of x − max ∈ [−20, 0], log of probabilities in (0, 1]).
+// them (2^{x − max} with x − max ∈ [−30, 0] bits, log2 of probabilities in (0, 1]).
 py::tuple transcendental_seconds(int64_t reps) {
   constexpr int64_t n = 2048;
   std::vector<float> ex(n), lx(n);
   for (int64_t i = 0; i < n; ++i) {
-    ex[i] = -20.f * static_cast<float>((i * 7919) % n) / n;
+    ex[i] = -30.f * static_cast<float>((i * 7919) % n) / n;
     lx[i] = std::max(1e-30f, static_cast<float>((i * 104729) % n + 1) / n);
   }
   volatile float sink = 0.f;
@@ -76,8 +76,8 @@ py::tuple transcendental_seconds(int64_t reps) {
              sink = S::hsum(a + b);
            }) / static_cast<double>(reps * n);
   };
-  const double t_exp = time(ex, [](S::vf v) { return S::exp(v); });
-  const double t_log = time(lx, [](S::vf v) { return S::log(v); });
+  const double t_exp = time(ex, [](S::vf v) { return S::exp2(v); });
+  const double t_log = time(lx, [](S::vf v) { return S::log2(v); });
   return py::make_tuple(t_exp, t_log);
 }
 
@@ -88,7 +88,7 @@ void bind_microbench(py::module_& m) {
         py::arg("iterations") = 100'000'000,
         "Core clock (Hz) from a timed chain of 4·iterations dependent integer adds.");
   m.def("_transcendental_seconds", &transcendental_seconds, py::arg("reps") = 2000,
-        "(seconds per exp, seconds per log) of the kernels' vectorised routines, one thread, L1.");
+        "(seconds per exp2, seconds per log2) of the kernels' vectorised routines, one thread, L1.");
   m.attr("_simd_width") = S::kWidth;
 }
 

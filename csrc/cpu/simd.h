@@ -119,36 +119,36 @@ EPIKERN_INLINE float hmin(vf v) {
   return m;
 }
 
-// e^x for x ≤ 88.72 (finite or NaN; x ≥ −1e5 so that the reduction stays finite), ~2.2e-7
-// relative error. Rounding by the 1.5·2^23 shifter (k = round(x·log2 e) lands in the low
-// mantissa bits of t, and t << 23 is k's exponent field), Cody–Waite x = k·ln2 + r, and a
-// degree-5 minimax polynomial on |r| ≤ ln2/2 evaluated in Estrin form (short dependency chain).
-// k is clamped at −127, whose exponent field is 0: results below ~FLT_MIN/1.4 are exactly 0
-// (so e^{−inf clamped to −104} = 0 with no select). x > 88.72 gives garbage (callers never
-// use it: sweep 1 redoes such blocks from their own max). NaN → NaN.
-EPIKERN_INLINE vf exp(vf x) {
+// The kernels work in base 2 (logits scaled by log2 e / T): 2^x costs no Cody–Waite reduction
+// (x − round(x) is exact), and log2 needs no ln 2 split.
+
+// 2^x for x < 127.5 (finite or NaN; x ≥ −1e5 so that the polynomial stays finite), ~2e-7
+// relative error. Rounding by the 1.5·2^23 shifter (k = round(x) lands in the low mantissa bits
+// of t, and t << 23 is k's exponent field), r = x − k exact, and a degree-5 minimax polynomial
+// for 2^r on |r| ≤ ½ in Estrin form (short dependency chain). k is clamped at −127, whose
+// exponent field is 0: results below 2^−127.5 are exactly 0 (2^{−inf clamped to −150} = 0 with
+// no select). x ≥ 127.5 gives inf or garbage (callers never use it: sweep 1 redoes such blocks
+// from their own max). NaN → NaN.
+EPIKERN_INLINE vf exp2(vf x) {
   constexpr float kShift = 12582912.f;  // 1.5·2^23
-  vf t = x * 1.44269504088896341f + kShift;
+  vf t = x + kShift;
   t = max_keep_nan(splat(kShift - 127.f), t);
-  const vf k = t - kShift;
-  vf r = x - k * 0.693359375f;  // ln2 split: hi part exact in 9 bits
-  r = r - k * -2.12194440e-4f;
+  const vf r = x - (t - kShift);
   const vf r2 = r * r;
-  const vf a = r * 0.16667114198207855f + 0.499992311000824f;
-  const vf b = r * 0.008312525227665901f + 0.041890114545822144f;
-  const vf p = (b * r2 + a) * r2 + (r + 1.f);
+  const vf a = r * 0.05550733581185341f + 0.24022242426872253f;
+  const vf b = r * 0.001326472731307149f + 0.009671512991189957f;
+  const vf p = (b * r2 + a) * r2 + (r * 0.6931470036506653f + 1.f);
   const vu scale = (reinterpret_cast<vu>(t) << 23) + (127u << 23);
   return p * reinterpret_cast<vf>(scale);
 }
 
-// log x for positive normal x, ~1 ulp (x = 2^e·m, m ∈ [√½, √2), log m = log1p(m − 1) by the
-// Cephes logf polynomial). 0 and denormals give a finite value in [−104, −87] (callers multiply
-// it by x ≈ 0); inf/NaN/negative give garbage (callers multiply by the NaN).
-EPIKERN_INLINE vf log(vf x) {
+// log2 x for positive normal x, ~1 ulp: x = 2^e·m with m ∈ [√½, √2), log2 x = e + log1p(m − 1)·log2 e
+// with the Cephes logf polynomial. 0 and denormals give a finite value in [−150, −126] (callers
+// multiply it by x ≈ 0); inf/NaN/negative give garbage (callers multiply by the NaN).
+EPIKERN_INLINE vf log2(vf x) {
   const vi u = reinterpret_cast<vi>(x);
   const vi e = (u - 0x3f3504f3) >> 23;  // arithmetic shift: the exponent of x/√½
   const vf m = reinterpret_cast<vf>(u - (e << 23)) - 1.f;  // ∈ [√½ − 1, √2 − 1)
-  const vf ef = __builtin_convertvector(e, vf);
   const vf z = m * m;
   // the Cephes polynomial P(m) = Σ_j a_j m^j (j ≤ 8) in Estrin form; log1p(m) ≈ m − z/2 + m·z·P
   const vf z2 = z * z;
@@ -159,10 +159,8 @@ EPIKERN_INLINE vf log(vf x) {
   const vf r0 = q1 * z + q0;
   const vf r1 = q3 * z + q2;
   const vf p = (z2 * z2) * 7.0376836292e-2f + (r1 * z2 + r0);
-  vf y = p * m * z;
-  y = ef * -2.12194440e-4f + y;
-  y = z * -0.5f + y;
-  return (m + y) + ef * 0.693359375f;
+  const vf ln1p = m + (z * -0.5f + p * m * z);
+  return ln1p * 1.44269504088896341f + __builtin_convertvector(e, vf);
 }
 
 }  // namespace epikern::cpu::simd

@@ -71,7 +71,7 @@ F32 mixture_terms_all(const F32& l, const F32& log_w, const F32& y, float lse_p,
   return out;
 }
 
-// simd::exp / simd::log lane by lane over an array (the vector routines of draft_uncertainty).
+// simd::exp2 / simd::log2 lane by lane over an array (the vector routines of draft_uncertainty).
 template <class Fn>
 F32 map_simd(const F32& in, Fn fn) {
   F32 out(in.request().shape);
@@ -90,8 +90,8 @@ F32 map_simd(const F32& in, Fn fn) {
 
 void bind_test_hooks(py::module_& m) {
   m.def("_test_exp", [](const F32& x) { return map_elementwise(x, fast_exp); });
-  m.def("_test_simd_exp", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::exp(v); }); });
-  m.def("_test_simd_log", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::log(v); }); });
+  m.def("_test_simd_exp2", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::exp2(v); }); });
+  m.def("_test_simd_log2", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::log2(v); }); });
   m.def("_test_half_to_float", [](const U16& h) { return map_elementwise(h, half_to_float); });
   m.def("_test_bf16_to_float", [](const U16& b) { return map_elementwise(b, bf16_to_float); });
   m.def("_test_softmax_chunks", &softmax_chunks, py::arg("x"), py::arg("y"), py::arg("chunk"),

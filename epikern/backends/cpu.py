@@ -73,7 +73,7 @@ def draft_uncertainty_raw(
     ``target_lse [N]`` float32 (any strides). ``keep_bytes``: budget for the exponentials that
     sweep 1 keeps for the mixture sweep (4 bytes per draft with a nonzero weight and vocabulary
     entry, of one row, or of all rows when few rows split the vocabulary across threads); ``-1``
-    is the kernel's default (4 MiB), ``0`` never keeps (sweep 2 then takes one exponential per
+    is the kernel's default (8 MiB), ``0`` never keeps (sweep 2 then takes one exponential per
     draft and entry). The results agree within float32 rounding either way.
     """
     check_available()
