@@ -1,10 +1,16 @@
-"""Micro recipes (seconds on a CPU, not the default pipeline) and a micro target trained once per session."""
+"""Micro recipes (seconds on a CPU, not the default pipeline) and a micro target trained once per session.
+
+The training tests run torch on one thread (restored after each module): their models are far too
+small to gain from a second one, and on a busy 2-core machine two OpenMP threads stall each other.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
+import torch
 
 from epikern.training.config import DraftsRecipe, ProxyRecipe, TargetRecipe, TinyModelConfig, TrainConfig
 
@@ -20,13 +26,30 @@ MICRO_DRAFTS = DraftsRecipe(partitions=2, drafts_per_partition=1, shared_layers=
 MICRO_PROXY = ProxyRecipe(train=TrainConfig(steps=24, batch_size=8, lr=1e-4, warmup_steps=2, checkpoint_every=0))
 
 
+@contextlib.contextmanager
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():
+        yield
+
+
 @pytest.fixture(scope="session")
 def micro_target(tmp_path_factory):
     """``(directory, metrics)`` of the micro target (trained, evaluated, responses sampled)."""
     from epikern.training.target import train_target
 
     out = tmp_path_factory.mktemp("micro") / "target"
-    return out, train_target(MICRO_TARGET, out, progress=False)
+    with one_thread():
+        return out, train_target(MICRO_TARGET, out, progress=False)
 
 
 def micro_drafts(target_dir, **changes) -> DraftsRecipe:

@@ -65,5 +65,5 @@ def test_drafts_command_runs_then_refuses_a_different_resume(micro_target, tmp_p
 
 def test_module_entry_point_is_the_train_command():
     run = subprocess.run([sys.executable, "-m", "epikern.training", "drafts", "--help"], capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=300)
     assert run.returncode == 0 and "--ddd AxB" in run.stdout and "--shared-layers" in run.stdout

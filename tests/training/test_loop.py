@@ -21,10 +21,10 @@ SCRIPT = Path(loop_run.__file__)
 
 
 def _subprocess(args, fault=None, torchrun=False):
-    env = {**os.environ, FAULT_ENV: fault or ""}
+    env = {**os.environ, FAULT_ENV: fault or "", "OMP_NUM_THREADS": "1"}  # one thread, as in this process
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] if torchrun
            else [sys.executable]) + [str(SCRIPT), *map(str, args)]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _weights(model):
