@@ -1,7 +1,7 @@
 """CPU benchmark of ``ek.draft_uncertainty`` (backend ``cpu``) against PyTorch composites, in one run
 on one machine (SPEC §7).
 
-    epikern bench [kernels] [--quick] [--json PATH]
+    epikern bench kernels [--quick] [--json PATH]
     python benchmarks/bench_cpu_uncertainty.py [--quick] [--json PATH]   (the same)
 
 Shapes: K=4, N=512, V=32000 with fp32 and bf16 logits, and K=4, N=128, V=128256 bf16 (fewer rows
@@ -191,9 +191,7 @@ def _describe(machine: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="epikern bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", nargs="?", choices=["kernels"], default="kernels",
-                        help="what to benchmark (the CPU uncertainty kernels)")
+    parser = argparse.ArgumentParser(prog="epikern bench kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, help="also write machine info and rows as JSON")
     parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
     args = parser.parse_args(argv)
