@@ -17,7 +17,7 @@ tokens/s is the median over ``--repeats`` of (prompts × new tokens) ÷ wall tim
 
 Also reported: acceptance (accepted ÷ proposed), tokens per target forward, EU's share of a round
 (from the medians with and without EU, and from one timed :func:`epikern.draft_uncertainty` call at
-the round's shape), the cost of each step of a round (:func:`step_costs`), and whether every variant
+the round's shape), the cost of each step of a round (:func:`step_runners`), and whether every variant
 produced the target's greedy tokens.
 
 Drafts: ``--drafts DIR`` (a :meth:`DraftEnsemble.save_pretrained` directory, e.g. trained DDD
@@ -147,24 +147,28 @@ def single_draft(drafts: DraftEnsemble, k: int) -> DraftEnsemble:
 # measurement
 
 
-def _round_robin_s(fns: dict, repeats: int, progress: bool) -> dict:
-    """Median seconds per call of each function, timed round-robin after one warm-up call each."""
+def _round_robin_s(fns: dict, repeats: int, progress: bool, inner: Optional[dict] = None) -> dict:
+    """Median seconds per call of each function, timed round-robin after one warm-up call each:
+    every round runs each function ``inner.get(name, 1)`` times, so that load from other processes
+    falls on all of them alike."""
+    inner = inner or {}
     for fn in fns.values():
         fn()
     times = {name: [] for name in fns}
     for _ in tqdm(range(repeats), desc="repeats", disable=not progress):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+            for _ in range(inner.get(name, 1)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def step_costs(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor, gammas: Sequence[int],
-               repeats: int = 10) -> dict:
-    """Median ms of the pieces of a round at the context of ``prompt`` (``[1, T]``), each step undone
-    with ``crop``: a target forward over 1 token and over γ + 1 tokens (the verification), one
-    batched step of all K drafts over 1 and over 2 tokens (a step after a fully accepted round)."""
+def step_runners(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor, gammas: Sequence[int]) -> dict:
+    """The pieces of a round at the context of ``prompt`` (``[1, T]``) as callables, each step undone
+    with ``crop``: ``target_n`` a target forward over n tokens (1, and γ + 1: the verification),
+    ``draft_n`` one batched step of all K drafts over n = 1 and 2 tokens (2: a step after a fully
+    accepted round)."""
     cache = DynamicCache(config=target.config)
     keyword = hf_cache_keyword(type(target))
     target(input_ids=prompt, use_cache=True, **{keyword: cache})
@@ -173,19 +177,17 @@ def step_costs(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor, g
     T = prompt.shape[1]
 
     def target_step(n):
-        ids = prompt[:, -n:]
-        positions = torch.arange(T, T + n)[None]
-        return lambda: (target(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=n,
-                               **{keyword: cache}), cache.crop(-n))
+        ids, positions, mask = prompt[:, -n:], torch.arange(T, T + n)[None], torch.ones(1, T + n, dtype=torch.long)
+        return lambda: (target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                               logits_to_keep=n, **{keyword: cache}), cache.crop(-n))
 
     def draft_step(n):
-        ids = prompt[:, -n:]
-        positions = torch.arange(T, T + n)[None]
+        ids, positions = prompt[:, -n:], torch.arange(T, T + n)[None]
         return lambda: (drafts(ids, None, draft_cache, position_ids=positions, logits_to_keep=n), draft_cache.crop(-n))
 
     fns = {"target_1": target_step(1), "draft_1": draft_step(1), "draft_2": draft_step(2)}
     fns.update({f"target_{g + 1}": target_step(g + 1) for g in gammas})
-    return {name: 1e3 * s for name, s in _round_robin_s(fns, repeats, progress=False).items()}
+    return fns
 
 
 def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Tensor], *,
@@ -201,8 +203,8 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
     * ``eu``: per γ (0 = plain decoding), EU's share of a round from the medians
       (``(t_EU − t_noEU) / t_EU``; at γ = 0 this includes the drafts, which run only for EU there)
       and from one timed :func:`epikern.draft_uncertainty` call at the round's shape;
-    * ``steps``: :func:`step_costs` at the first prompt's context, and per γ the round time the
-      steps predict, ``γ·draft_1 + target_{γ+1}``.
+    * ``steps``: the ms of each :func:`step_runners` piece at the first prompt's context (timed in the
+      same rounds as the decoders), and per γ the round time they predict, ``γ·draft_1 + target_{γ+1}``.
     """
     est = DraftEstimator(target, drafts)
     k = 0 if proposal == "mixture" else proposal
@@ -230,7 +232,9 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
             over_prompts(f"spec K=1 γ={g}", lambda p, kw=kw: one.generate(p, with_uncertainty=False, **kw))])
         if assistant is not None:
             variants.update([over_prompts(f"assisted γ={g}", lambda p, g=g: _assisted(target, assistant, p, g, new_tokens))])
-    seconds = _round_robin_s(variants, repeats, progress)
+    steps = step_runners(target, drafts, prompts[0], gammas)  # timed in the same rounds as the decoders
+    seconds = _round_robin_s({**variants, **steps}, repeats, progress, inner={name: 5 for name in steps})
+    costs = {name: 1e3 * seconds.pop(name) for name in steps}
     total = new_tokens * len(prompts)
     reference = [r[:, p.shape[1]:] for r, p in zip(results["hf"], prompts)]
     rows = []
@@ -246,7 +250,6 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
                        tokens_per_round=total / rounds, rounds=rounds,
                        draft_forwards=sum(st.draft_forwards for st in stats), round_ms=1e3 * s / rounds)
         rows.append(row)
-    costs = step_costs(target, drafts, prompts[0], gammas)
     predicted = {g: g * costs["draft_1"] + costs[f"target_{g + 1}"] for g in gammas}
     return {"rows": rows, "eu": {g: _eu_share(est, seconds, results, g) for g in (0, *gammas)},
             "steps": {"ms": costs, "predicted_round_ms": predicted},
