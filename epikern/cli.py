@@ -1,14 +1,22 @@
 """The ``epikern`` command.
 
-    epikern bench      kernel benchmark of draft_uncertainty on this machine vs eager PyTorch and
-                       torch.compile (the end-to-end TokUR comparison lands with the pipeline)
-    epikern backends   which backends can run here, and why not
+    epikern bench [--quick] [--out DIR] [--target ... --drafts ...]
+                              the paper's comparison end to end: trains (once, cached) the tiny target,
+                              DDD/IDD drafts and the OSD proxy, answers held-out problems, and compares
+                              every estimator with TokUR on FLOPs, latency and quality (report + plots)
+    epikern bench kernels     the CPU kernel benchmark of draft_uncertainty vs eager and compiled PyTorch
+    epikern bench speculative speculative decoding with EU vs plain target decoding (tokens/s, acceptance)
+    epikern train target|drafts|proxy ...
+                              train the tiny target, DDD/IDD drafts or the OSD proxy (`epikern train -h`)
+    epikern backends          which backends can run here, and why not
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+BENCHES = ("kernels", "speculative")
 
 
 def _backends(_args: argparse.Namespace) -> int:
@@ -31,23 +39,36 @@ def _backends(_args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    from .eval import kernel_bench
+    """``epikern bench [kernels|speculative] ...``: each benchmark parses its own options."""
+    if argv and argv[0] == "kernels":
+        from .eval import kernel_bench
 
-    return kernel_bench.main(argv)
+        return kernel_bench.main(argv[1:])
+    if argv and argv[0] == "speculative":
+        from .eval import speculative_bench
+
+        return speculative_bench.main(argv[1:])
+    from .eval import bench
+
+    return bench.main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .training import cli as train_cli
+
     parser = argparse.ArgumentParser(prog="epikern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", add_help=False,
-                   help="benchmark the uncertainty kernels on this machine (`epikern bench --help`)")
+                   help="the end-to-end comparison; `bench kernels`, `bench speculative` (`epikern bench --help`)")
     sub.add_parser("backends", help="list the backends and why one is unavailable")
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "bench":  # the benchmark parses its own options
-        return _bench(rest)
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    train_cli.add_parser(sub)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # the benchmarks parse their own options
+        return _bench(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "train":
+        return train_cli.main(args)
     return _backends(args)
 
 
