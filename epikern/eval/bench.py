@@ -101,7 +101,7 @@ class BenchConfig:
             "problems": (4 if quick else 32) if real else (48 if quick else 200),
             "max_new_tokens": (48 if quick else 256) if real else 96,
             "batch_size": 4 if real else 50,
-            "latency_repeats": 1 if quick else 3,
+            "latency_repeats": 1 if quick else 2,
         }
         return dataclasses.replace(self, **{k: v if getattr(self, k) is None else getattr(self, k)
                                             for k, v in defaults.items()})
@@ -263,31 +263,35 @@ def _estimators(models: Models, cfg: BenchConfig):
 def _score_all(estimator, batches: list[Batch], cfg: BenchConfig, bar) -> dict:
     """Scores of every response, plus the cost of scoring the first batch: latency per generated token
     (median of ``latency_repeats`` calls, the first of them the scoring call itself), peak memory of
-    that call, and FLOPs per scored position measured by ``FlopCounterMode`` on its first 4 rows
-    (FLOPs are per row, so a few rows measure them as well as all)."""
+    that call, and the FLOPs ``FlopCounterMode`` counts while scoring its first response (prompt
+    included, as the estimator runs it; full attention matrices counted) per generated token."""
     from .cost import count_flops, peak_memory
     from .estimators import response_scores
 
     first = batches[0]
     seconds, scores = [], []
+
+    def args(b: Batch):  # the positions from the prompt's last token on predict the response
+        return b.sequences, b.attention_mask, b.prompt_len - 1
+
     for i, b in enumerate(batches):
         if i == 0:
             t0 = time.perf_counter()
-            raw, mem = peak_memory(lambda: estimator.score(b.sequences, b.attention_mask), device=cfg.device)
+            raw, mem = peak_memory(lambda: estimator.score(*args(b)), device=cfg.device)
             seconds.append(time.perf_counter() - t0)
         else:
-            raw = estimator.score(b.sequences, b.attention_mask)
+            raw = estimator.score(*args(b))
         scores += response_scores(raw, b.prompt_len, b.generated_mask)
         bar.update(1)
     for _ in range(cfg.latency_repeats - 1):
         t0 = time.perf_counter()
-        estimator.score(first.sequences, first.attention_mask)
+        estimator.score(*args(first))
         seconds.append(time.perf_counter() - t0)
-    rows = slice(0, min(4, first.sequences.shape[0]))
-    _, flops, _ = count_flops(estimator.score, first.sequences[rows], first.attention_mask[rows])
+    rows = slice(0, 1)
+    _, flops, _ = count_flops(estimator.score, first.sequences[rows], first.attention_mask[rows], first.prompt_len - 1)
     generated = int(first.generated_mask.sum())
     return {"scores": scores, "latency_ms_per_token": 1e3 * float(np.median(seconds)) / generated,
-            "measured_flops_per_position": flops / first.sequences[rows].numel(),
+            "measured_flops_per_token": flops / max(int(first.generated_mask[rows].sum()), 1),
             "peak_memory_bytes": mem.bytes, "peak_memory_method": mem.method}
 
 
@@ -345,12 +349,12 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> list
                  "tokens_per_s_reason": reason, "acceptance_reason": reason}]
     b = batches[0]
     prompts = []
-    for j in range(min(2 if cfg.quick else 4, b.sequences.shape[0])):
+    for j in range(min(1 if cfg.quick else 2, b.sequences.shape[0])):
         real = b.attention_mask[j, : b.prompt_len].bool()
         prompts.append(b.sequences[j: j + 1, : b.prompt_len][:, real])
     result = speculative_bench.measure(models.target, models.ddd, prompts, gammas=cfg.gammas,
-                                       new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 64),
-                                       repeats=cfg.latency_repeats, assisted=False, progress=False)
+                                       new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 48),
+                                       repeats=1 if cfg.quick else 3, assisted=False, progress=False)
     rows = []
     for r in result["rows"]:
         name = r["variant"] + (f" γ={r['gamma']}" if r["gamma"] else "")
@@ -413,13 +417,21 @@ def run(cfg: BenchConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    stages = {}
+
+    def lap(name: str) -> None:  # wall seconds of each stage, for the report
+        stages[name] = time.perf_counter() - t0 - sum(stages.values())
+
     models = _models(cfg)
+    lap("models")
     batches = _answer(models, cfg)
+    lap("answering")
     wrong = np.array([w for b in batches for w in b.wrong], dtype=bool)
     methods, truth_est, not_run = _estimators(models, cfg)
     bar = tqdm(total=len(batches) * (len(methods) + 1), desc="scoring", unit="batch")
     bar.set_postfix_str("ground truth")
     truth = _score_all(truth_est, batches, cfg, bar)
+    lap("scoring ground_truth")
     results = {}
     n_generated = [int(b.generated_mask.sum()) for b in batches]
     prompt_len = float(np.mean([int(b.attention_mask[:, : b.prompt_len].sum(1).float().mean()) for b in batches]))
@@ -429,9 +441,12 @@ def run(cfg: BenchConfig) -> dict:
         scored = _score_all(est, batches, cfg, bar)
         results[est.name] = _metrics(est.name, est, scored, truth["scores"], wrong, context)
         results[est.name]["_scores"] = scored["scores"]
+        lap(f"scoring {est.name}")
     bar.close()
     speculative = _speculative(models, batches, cfg)
+    lap("speculative")
     plots = _plots(out, models, batches, results, truth["scores"], wrong)
+    lap("plots")
     tokur_flops = results["tokur"]["flops_per_token"]
     method_table = {}
     for name in METHOD_ORDER:
@@ -454,8 +469,23 @@ def run(cfg: BenchConfig) -> dict:
         "speculative": speculative,
         "plots": plots,
         "wall_s": time.perf_counter() - t0,
+        "stage_seconds": stages,
     }
+    counts = int(wrong.sum()), int((~wrong).sum())
+    if min(counts) < 10:
+        report["warnings"] = [f"only {counts[1]} correct and {counts[0]} wrong answers among {wrong.size}: the "
+                              "detection metrics (AUROC, PRR) rest on very few examples of one class"
+                              + (" (--quick trains a weaker target; run without --quick)" if cfg.quick else "")]
+    if "training" in models.info:
+        t = models.info["training"]
+        report["training"] = {"target_heldout_accuracy": t["metrics"]["target"]["heldout_accuracy"],
+                              **t.get("diagnostics", {}), "seconds": t.get("seconds", {}), "root": t["root"]}
     json_path, md_path = write_report(out, report)
+    d = report["dataset"]
+    print(f"{d['name']}: {d['problems']} problems, target accuracy {d['accuracy']:.1%}, "
+          f"{d['generated_tokens']} generated tokens")
+    for w in report.get("warnings", []):
+        print(f"warning: {w}")
     print(format_table(report))
     print(f"\nreport: {md_path} and {json_path} ({report['wall_s']:.0f} s)")
     return report

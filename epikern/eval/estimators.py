@@ -1,8 +1,8 @@
 """Token-level uncertainty estimators behind one interface, for the benchmark (SPEC §6).
 
 An :class:`Estimator` scores a batch of whole sequences (teacher forcing): ``score(input_ids,
-attention_mask) -> [B, T]`` float32, where position t scores the next-token distribution after
-token t (the alignment of :class:`~epikern.models.DraftEstimator` and :class:`~epikern.TokUR`), so
+attention_mask, start) -> [B, T]`` float32, where position t scores the next-token distribution after
+token t (positions before ``start`` may be left NaN: they are not needed) (the alignment of :class:`~epikern.models.DraftEstimator` and :class:`~epikern.TokUR`), so
 the score of generated token j of a response whose prompt has T0 columns sits at ``T0 − 1 + j``
 (:func:`response_scores`). Every score is an *uncertainty*: higher means less trustworthy.
 
@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..models.draft_ensemble import DraftEnsemble
-from ..models.estimator import DraftEstimator, _lm_logits
+from ..models.estimator import DraftEstimator, lm_logits
 from ..models.masks import position_ids_from_mask
 from ..models.tokur import TokUR
 from ..ops.draft_uncertainty import draft_uncertainty_flops
@@ -49,7 +49,8 @@ class Estimator:
 
     Attributes:
         name: the method's key in the report.
-        score: ``(input_ids [B, T], attention_mask [B, T]) -> [B, T]`` per-position uncertainty.
+        score: ``(input_ids [B, T], attention_mask [B, T], start) -> [B, T]`` per-position
+            uncertainty, defined at least from position ``start`` on.
         flops_per_token: ``context -> FLOPs`` per generated token at mean decode context ``context``.
         extra_flops_per_token: the same beyond the target's own forward (plain decoding).
         is_eu: an epistemic-uncertainty estimate (its RMSE to the ground truth is meaningful).
@@ -57,7 +58,7 @@ class Estimator:
     """
 
     name: str
-    score: Callable[[Tensor, Tensor], Tensor]
+    score: Callable[[Tensor, Tensor, int], Tensor]
     flops_per_token: Callable[[float], float]
     extra_flops_per_token: Callable[[float], float]
     is_eu: bool
@@ -75,7 +76,7 @@ def draft_method(name: str, target: nn.Module, drafts: DraftEnsemble, reference:
         return draft_ensemble_flops_per_token(drafts, c) + ref + draft_uncertainty_flops(K, 1, V, True, True)
 
     against = "the target" if reference is None else "the OSD proxy"
-    return Estimator(name, lambda ids, mask: est.score(ids, mask).eu,
+    return Estimator(name, lambda ids, mask, start=0: est.score(ids, mask).eu,
                      lambda c: lm_flops_per_token(target, c) + extra(c), extra, True,
                      f"K={K} drafts (S={drafts.shared_layers} shared layers), eu = jsd + kl against {against}")
 
@@ -88,7 +89,7 @@ def tokur_method(name: str, tokur: TokUR) -> Estimator:
     def extra(c: float) -> float:
         return (M - 1) * lm_flops_per_token(tokur.target, c) + draft_uncertainty_flops(M, 1, V, False, True)
 
-    return Estimator(name, lambda ids, mask: tokur.score(ids, mask).epistemic,
+    return Estimator(name, lambda ids, mask, start=0: tokur.score(ids, mask, start=start).epistemic,
                      lambda c: lm_flops_per_token(tokur.target, c) + extra(c), extra, True,
                      f"TokUR, M={M} members (one clean), rank {tokur.perturbation.rank}, "
                      f"sigma {tokur.perturbation.sigma}: mutual information")
@@ -99,7 +100,7 @@ def _target_log_probs(target: nn.Module, ids: Tensor, mask: Optional[Tensor]) ->
     if positions is None:
         positions = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
     with torch.no_grad():
-        return torch.log_softmax(_lm_logits(target, ids, mask, positions, None, 0).float(), dim=-1)
+        return torch.log_softmax(lm_logits(target, ids, mask, positions, None, 0).float(), dim=-1)
 
 
 def _entropy(log_p: Tensor, ids: Tensor) -> Tensor:
@@ -123,7 +124,7 @@ def target_baselines(target: nn.Module) -> list[Estimator]:
     for name, fn, what in (("entropy", _entropy, "target predictive entropy H(p)"),
                            ("maxprob", _maxprob, "1 − max_v p(v) of the target"),
                            ("loglik", _loglik, "−log p(next token) of the target")):
-        def score(ids, mask, fn=fn):
+        def score(ids, mask, start=0, fn=fn):
             u = fn(_target_log_probs(target, ids, mask), ids)
             return u if mask is None else u.masked_fill(~mask.bool(), float("nan"))
 

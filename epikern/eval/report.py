@@ -379,6 +379,10 @@ def format_markdown(report: Mapping, base_dir=None) -> str:
                vers.get("torch") and f"torch {vers['torch']}",
                vers.get("epikern") and f"epikern {vers['epikern']}" + (f" ({vers['epikern_git'][:12]})" if vers.get("epikern_git") else "")]
     out += [" · ".join(str(s) for s in summary if s), ""]
+    out += [f"> **Warning:** {w}" for w in r.get("warnings", [])] + ([""] if r.get("warnings") else [])
+    for key, title in (("dataset", "Task"), ("training", "Embedded models (training diagnostics)")):
+        if r.get(key):
+            out += [f"## {title}", "", _md_table(["", "value"], _kv_rows(r[key])), ""]
     header, rows, notes = _method_rows(r)
     out += ["## Methods (same responses)", "", _md_table(header, rows), ""]
     if notes:

@@ -93,10 +93,10 @@ class DraftEstimator:
         for start in range(0, T, step):
             ids, pos = input_ids[:, start:start + step], positions[:, start:start + step]
             mask = None if attention_mask is None else attention_mask[:, :start + step]
-            ref = _lm_logits(self._reference, ids, mask, pos, ref_cache, 0)
+            ref = lm_logits(self._reference, ids, mask, pos, ref_cache, 0)
             parts.append(self._uncertainty(self.drafts(ids, mask, draft_cache, position_ids=pos), ref))
         u = DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*parts)))
-        return u if attention_mask is None else _nan_where_not(u, attention_mask.bool())
+        return u if attention_mask is None else nan_where_not(u, attention_mask.bool())
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int = 32,
@@ -223,9 +223,9 @@ class DraftEstimator:
             # target (and proxy): verify the round in one forward, g + 1 positions
             verify = torch.cat([pending, *(y[:, None] for y in ys)], dim=1)
             verify_positions = positions[:, n - pending.shape[1]:]
-            logits = _lm_logits(self.target, verify, grown, verify_positions, target_cache, g + 1)
+            logits = lm_logits(self.target, verify, grown, verify_positions, target_cache, g + 1)
             ref = logits if proxy is None else \
-                _lm_logits(proxy, verify, grown, verify_positions, proxy_cache, g + 1)
+                lm_logits(proxy, verify, grown, verify_positions, proxy_cache, g + 1)
             forwards["reference"] += int(proxy is not None)
             y = torch.stack(ys, dim=1) if ys else verify[:, :0]
             cut, new = _accept(y, q, logits, finished, eos, do_sample, temperature, generator)
@@ -278,7 +278,7 @@ class DraftEstimator:
         generated_mask = torch.cat(live, dim=1)
         u = None
         if with_uncertainty:
-            u = _nan_where_not(DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*scores))), generated_mask)
+            u = nan_where_not(DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*scores))), generated_mask)
         return GenerationResult(torch.cat([input_ids, generated], dim=1), u, generated_mask, stats)
 
     def _propose(self, draft_pending: Tensor, grown: Tensor, positions: Tensor, n: int, g: int, steps: int,
@@ -358,12 +358,13 @@ def _stop_at_eos(new: Tensor, finished: Tensor, eos: Optional[Tensor], pad: Opti
     return new.masked_fill(~alive, pad)[:, :width], alive[:, :width], finished, bool(done)
 
 
-def _nan_where_not(u: DraftUncertainty, keep: Tensor) -> DraftUncertainty:
-    """Set every field to NaN where ``keep [B, T]`` is False."""
-    return DraftUncertainty(*(f.masked_fill(~keep, float("nan")) for f in u))
+def nan_where_not(u: NamedTuple, keep: Tensor) -> NamedTuple:
+    """Set every field of a NamedTuple of ``[..., B, T]`` tensors (DraftUncertainty,
+    EnsembleUncertainty) to NaN where ``keep [B, T]`` is False."""
+    return type(u)(*(f.masked_fill(~keep, float("nan")) for f in u))
 
 
-def _lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
+def lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor,
                cache: Optional[DynamicCache], logits_to_keep: int) -> Tensor:
     """``[B, T', V]`` logits of an HF causal LM, with generate's explicit ``position_ids``."""
     kwargs = {hf_cache_keyword(type(model)): cache, "use_cache": cache is not None}

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..ops import EnsembleUncertainty, ensemble_uncertainty
-from .estimator import _lm_logits
+from .estimator import lm_logits, nan_where_not
 from .masks import position_ids_from_mask
 from .perturb import Perturbation
 
@@ -125,35 +125,50 @@ class TokUR:
         return max(1, self.max_chunk_logits // (self.num_samples * batch * vocab))
 
     @torch.no_grad()
-    def score(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> EnsembleUncertainty:
+    def score(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, start: int = 0
+              ) -> EnsembleUncertainty:
         """Per-token uncertainty of a given sequence (teacher forcing).
 
         Args:
             input_ids: ``[B, T]``; attention_mask: ``[B, T]`` (0 = padding, left padding) or None.
+            start: score positions ``start..T-1`` only; the columns before are run once by the clean
+                model into its cache (their members would not change the later ones: each member sees
+                the clean prefix), e.g. ``start = T0 − 1`` scores just the distributions of a
+                response after a T0-column prompt at about ``(T − start)/T`` of the cost.
 
         Returns:
             :class:`~epikern.EnsembleUncertainty` with ``[B, T]`` fields (float32, nats); position t
-            scores the next-token distribution after token t; padding positions are NaN.
+            scores the next-token distribution after token t; padding positions and positions
+            before ``start`` are NaN.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < max(T, 1):
+            raise ValueError(f"start must be an int in [0, T={T}), got {start!r}")
         step = self.chunk_size(B)
-        cache = DynamicCache(config=self.target.config) if step < T else None
+        cache = DynamicCache(config=self.target.config) if start > 0 or step < T - start else None
         parts, rows = [], 0
-        for start in range(0, T, step):
-            stop = min(T, start + step)
+        if start > 0:  # the clean prefix, P = 0 perturbed members
+            prefix = None if attention_mask is None else attention_mask[:, :start]
+            none = torch.empty(self.perturbation.noise_shape(0, B, start), device=input_ids.device)
+            self.perturbation(input_ids[:, :start], prefix, cache=cache, logits_to_keep=1, noise=none)
+            rows += B * start
+            nan = torch.full((B, start), float("nan"), device=input_ids.device)
+            parts.append(EnsembleUncertainty(nan, nan, nan))
+        for begin in range(start, T, step):
+            stop = min(T, begin + step)
             mask = None if attention_mask is None else attention_mask[:, :stop]
-            logits = self.perturbation(input_ids[:, start:stop], mask, cache=cache,
-                                       noise=self.noise(start, stop, B, input_ids.device))
+            logits = self.perturbation(input_ids[:, begin:stop], mask, cache=cache,
+                                       noise=self.noise(begin, stop, B, input_ids.device))
             parts.append(self._uncertainty(logits))
-            rows += self.num_samples * B * (stop - start)
-        self.last_cost = ForwardCost(len(parts), rows, B * T)
+            rows += self.num_samples * B * (stop - begin)
+        self.last_cost = ForwardCost(len(parts), rows, B * (T - start))
         if not parts:
             nan = torch.full((B, 0), float("nan"), device=input_ids.device)
             return EnsembleUncertainty(nan, nan, nan)
         u = EnsembleUncertainty(*(torch.cat(field, dim=-1) for field in zip(*parts)))
-        return u if attention_mask is None else _nan_where_not(u, attention_mask.bool())
+        return u if attention_mask is None else nan_where_not(u, attention_mask.bool())
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None, *, max_new_tokens: int = 32,
@@ -193,7 +208,7 @@ class TokUR:
         forwards, rows = 0, 0
         if T0 > 1 and max_new_tokens > 0:
             prefix = mask[:, :-1]
-            _lm_logits(self.target, input_ids[:, :-1], prefix, position_ids_from_mask(prefix, T0 - 1), cache, 1)
+            lm_logits(self.target, input_ids[:, :-1], prefix, position_ids_from_mask(prefix, T0 - 1), cache, 1)
             forwards, rows = 1, B * (T0 - 1)
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         step_ids, column, tokens, live, steps = input_ids[:, -1:], T0 - 1, [], [], []
@@ -224,12 +239,7 @@ class TokUR:
         generated_mask = torch.stack(live, dim=1)
         u = EnsembleUncertainty(*(torch.stack(field, dim=-1) for field in zip(*steps)))
         return TokURGeneration(torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1),
-                               _nan_where_not(u, generated_mask), generated_mask)
+                               nan_where_not(u, generated_mask), generated_mask)
 
     def _uncertainty(self, member_logits: Tensor) -> EnsembleUncertainty:
         return ensemble_uncertainty(member_logits, temperature=self.eu_temperature, backend=self.backend)
-
-
-def _nan_where_not(u: EnsembleUncertainty, keep: Tensor) -> EnsembleUncertainty:
-    """Set every field to NaN where ``keep [B, T]`` is False."""
-    return EnsembleUncertainty(*(f.masked_fill(~keep, float("nan")) for f in u))

@@ -97,6 +97,14 @@ def test_generate_uncertainty_equals_score_and_chunked_score(setup, tokur):
         assert chunked.chunk_size(2) == chunk
         _assert_fields_close(chunked.score(out.sequences, full_mask), scored)
         assert chunked.last_cost.forwards == math.ceil(14 / chunk) and chunked.last_cost.forwards_per_token == 5
+    # scoring from the prompt's last column on: a clean prefill, then the same numbers
+    for chunk_tokur in (tokur, chunked):
+        late = chunk_tokur.score(out.sequences, full_mask, start=5)
+        assert late.epistemic[:, :5].isnan().all()
+        _assert_fields_close(type(late)(*(f[:, 5:] for f in late)), type(scored)(*(f[:, 5:] for f in scored)))
+    assert chunked.last_cost.forwards == 1 + math.ceil(9 / 3) and chunked.last_cost.forwards_per_token > 5
+    with pytest.raises(ValueError, match=r"start must be an int in \[0, T=14\)"):
+        tokur.score(out.sequences, full_mask, start=14)
 
 
 def test_members_run_as_one_batched_forward(setup, tokur):
