@@ -338,15 +338,20 @@ def _not_run(reason: str) -> dict:
 # speculative decoding
 
 
-def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> list[dict]:
+def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tuple[list[dict], dict]:
     """Greedy decoding of a few held-out prompts: plain target decoding (HF ``generate`` and epikern's
-    loop) against speculative decoding with the DDD drafts, EU off and on, per γ."""
+    loop) against speculative decoding with the DDD drafts, EU off and on, per γ.
+
+    Returns the rows (``speedup`` over HF ``generate``; EU rows also ``speedup_vs_plain_eu``, over
+    plain decoding with EU, where the drafts run only to score) and the step costs in ms with the
+    round times they predict (:func:`speculative_bench.measure`'s ``steps``).
+    """
     from . import speculative_bench
 
     if models.ddd is None:
         reason = models.missing["drafts"]
         return [{"name": "speculative decoding", "tokens_per_s": None, "acceptance": None,
-                 "tokens_per_s_reason": reason, "acceptance_reason": reason}]
+                 "tokens_per_s_reason": reason, "acceptance_reason": reason}], {}
     b = batches[0]
     prompts = []
     for j in range(min(1 if cfg.quick else 2, b.sequences.shape[0])):
@@ -355,17 +360,24 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> list
     result = speculative_bench.measure(models.target, models.ddd, prompts, gammas=cfg.gammas,
                                        new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 48),
                                        repeats=1 if cfg.quick else 3, assisted=False, progress=False)
+    plain_eu = next(r["tokens_per_s"] for r in result["rows"] if r["variant"] == "plain+EU")
     rows = []
     for r in result["rows"]:
         name = r["variant"] + (f" γ={r['gamma']}" if r["gamma"] else "")
         row = {"name": name, **r}
+        if r["variant"].endswith("+EU"):
+            row["speedup_vs_plain_eu"] = r["tokens_per_s"] / plain_eu
         share = result["eu"].get(r["gamma"], {}) if r["variant"].endswith("+EU") else {}
         row.update({f"eu_{k}": v for k, v in share.items()})
         if row.get("acceptance") is None:
             row["acceptance"] = None
             row["acceptance_reason"] = "no proposals: plain decoding"
         rows.append(row)
-    return rows
+    ms = result["steps"]["ms"]
+    steps = {**{f"{k}_ms": v for k, v in ms.items()},
+             "draft_step_vs_target_step": ms["draft_1"] / ms["target_1"],
+             **{f"predicted_round_ms_gamma_{g}": v for g, v in result["steps"]["predicted_round_ms"].items()}}
+    return rows, steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -443,7 +455,7 @@ def run(cfg: BenchConfig) -> dict:
         results[est.name]["_scores"] = scored["scores"]
         lap(f"scoring {est.name}")
     bar.close()
-    speculative = _speculative(models, batches, cfg)
+    speculative, speculative_steps = _speculative(models, batches, cfg)
     lap("speculative")
     plots = _plots(out, models, batches, results, truth["scores"], wrong)
     lap("plots")
@@ -467,6 +479,7 @@ def run(cfg: BenchConfig) -> dict:
                          "flops_per_token": truth_est.flops_per_token(context),
                          **{k: v for k, v in truth.items() if k != "scores"}},
         "speculative": speculative,
+        "speculative_steps": speculative_steps,
         "plots": plots,
         "wall_s": time.perf_counter() - t0,
         "stage_seconds": stages,

@@ -15,6 +15,7 @@ Schema (what :func:`validate_report` checks; more keys are welcome anywhere)::
       },
       "ground_truth": {"flops_per_token": ..., "latency_ms_per_token": ..., ...},
       "speculative":  [{"name": ..., "tokens_per_s": ..., "acceptance": ..., ...}, ...],
+      "speculative_steps": {"target_1_ms": ..., "draft_1_ms": ..., ...},  # optional
       "plots": {"ROC curves": "roc.png", ...},        # optional: embedded in report.md
       "conventions": {...}                  # added by write_report when absent
     }
@@ -395,6 +396,10 @@ def format_markdown(report: Mapping, base_dir=None) -> str:
                 _md_table(["", "value"], _kv_rows(r["ground_truth"])), ""]
     if r.get("speculative"):
         out += ["## Speculative decoding", "", _speculative_table(r["speculative"]), ""]
+    if r.get("speculative_steps"):
+        out += ["Step costs at the first prompt's context (ms; `target_n`: the target verifying n tokens, "
+                "`draft_n`: all K drafts consuming n tokens); a round costs about γ·draft_1 + target_(γ+1):", "",
+                _md_table(["", "value"], _kv_rows(r["speculative_steps"])), ""]
     plots = r.get("plots", {})
     if plots:
         out += ["## Plots", ""]

@@ -37,9 +37,7 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -56,6 +54,7 @@ from ..models import DraftEnsemble, DraftEstimator
 from ..models.estimator import hf_cache_keyword
 from ..models.layers import LINEARS, NORMS
 from ..models.loading import load_causal_lm
+from .report import machine_info, versions
 
 #: GSM8K-style questions for a chat target (written here; nothing is downloaded).
 PROMPTS = (
@@ -290,19 +289,6 @@ def _eu_share(est: DraftEstimator, seconds: dict, results: dict, gamma: int, rep
 # report
 
 
-def machine_info() -> dict:
-    """CPU model (``lscpu``), cores, torch threads and versions, load average now."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        cpu = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "loadavg_start": os.getloadavg()[0]}
-
-
 HEADER = ("| variant | γ | tokens/s | vs hf | acceptance | tokens/round | round ms | draft steps | same tokens as hf |\n"
           "|---|---|---|---|---|---|---|---|---|")
 
@@ -380,7 +366,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     chat = tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
     dataset = args.dataset or ("gsm8k" if chat else "synthetic")
     prompts = _prompts(tokenizer, target.config.vocab_size, args.prompts, args.prompt_length, dataset)
-    machine = machine_info()
+    machine = machine_info()  # the same record as epikern bench's report.json
     result = measure(target, drafts, prompts, gammas=args.gammas, new_tokens=args.new_tokens, repeats=args.repeats,
                      proposal=proposal, assisted=not args.no_assisted)
     machine["loadavg_end"] = os.getloadavg()[0]
@@ -393,8 +379,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{transformers.__version__}, load average {machine['loadavg_start']:.2f} → {machine['loadavg_end']:.2f}.\n")
     print(format_table(result))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "target": args.target, "drafts": how, "dataset": dataset,
-                                         **result}, indent=2, default=str))
+        args.json.write_text(json.dumps({"machine": machine, "versions": versions(), "target": args.target,
+                                         "drafts": how, "dataset": dataset, **result}, indent=2, default=str))
     return 0
 
 
