@@ -367,8 +367,7 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
         row = {"name": name, **r}
         if r["variant"].endswith("+EU"):
             row["speedup_vs_plain_eu"] = r["tokens_per_s"] / plain_eu
-        share = result["eu"].get(r["gamma"], {}) if r["variant"].endswith("+EU") else {}
-        row.update({f"eu_{k}": v for k, v in share.items()})
+            row.update({f"eu_{k}": v for k, v in result["eu"].get(r["gamma"], {}).items()})
         if row.get("acceptance") is None:
             row["acceptance"] = None
             row["acceptance_reason"] = "no proposals: plain decoding"
