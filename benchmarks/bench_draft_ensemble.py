@@ -30,7 +30,7 @@ from transformers import DynamicCache
 
 from epikern.models import DraftEnsemble, StackedKVLayer
 from epikern.models.estimator import hf_cache_keyword
-from epikern.models.layers import StackedDecoderLayer
+from epikern.models.layers import StackedDecoderLayer, rotary_tables
 
 
 def interleaved_medians_ms(runners: dict, reps: int, warmup: int = 3) -> dict:
@@ -105,7 +105,7 @@ def layer_step(config, groups, args, hidden):
     B, P = args.batch, args.context
     layer = StackedDecoderLayer(config, groups, frozenset())
     rotary = DraftEnsemble(config, 1, 0).rotary_emb
-    cos, sin = rotary(hidden[0], torch.full((B, 1), P))
+    cos, sin = rotary_tables(*rotary(hidden[0], torch.full((B, 1), P)))
     kv, shape = StackedKVLayer(), (groups, B, layer.num_kv_heads, P, layer.head_dim)
     kv.update(torch.randn(shape), torch.randn(shape))
     x = hidden.expand(groups, -1, -1, -1)

@@ -43,7 +43,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from ..models.layers import LINEARS, StackedDecoderLayer, head_dim_of
+from ..models.layers import FUSED, head_dim_of
 from ..ops.draft_uncertainty import draft_uncertainty_flops
 
 __all__ = ["lm_flops_per_token", "draft_ensemble_flops_per_token", "mean_decode_context",
@@ -164,8 +164,7 @@ def draft_ensemble_flops_per_token(ensemble, context_len: float) -> float:
     if not isinstance(ensemble, DraftEnsemble):
         raise TypeError(f"expected an epikern DraftEnsemble, got {type(ensemble).__name__}")
     context_len = _check_context(context_len)
-    names = [f"{StackedDecoderLayer.param_name(n)}_weight" for n in LINEARS]
-    params = sum(getattr(layer, n).numel() for layer in ensemble.layers for n in names)
+    params = sum(getattr(layer, f"{name}_weight").numel() for layer in ensemble.layers for name in FUSED)
     params += ensemble.lm_head_weight.numel()
     groups = [layer.groups for layer in ensemble.layers]
     return 2 * params + _attention_flops(ensemble.config, context_len, groups)

@@ -117,13 +117,12 @@ def draft_as_hf(drafts: DraftEnsemble, k: int) -> nn.Module:
         for l, stacked in enumerate(drafts.layers):
             g = 0 if l < drafts.shared_layers else k
             for hf_name in LINEARS:
-                name = stacked.param_name(hf_name)
-                decoder.layers[l].get_submodule(hf_name).weight.copy_(getattr(stacked, f"{name}_weight")[g])
-                bias = getattr(stacked, f"{name}_bias")
+                weight, bias = stacked.projection(hf_name)
+                decoder.layers[l].get_submodule(hf_name).weight.copy_(weight[g])
                 if bias is not None:
                     decoder.layers[l].get_submodule(hf_name).bias.copy_(bias[g])
             for hf_name in NORMS:
-                decoder.layers[l].get_submodule(hf_name).weight.copy_(getattr(stacked, stacked.param_name(hf_name))[g])
+                decoder.layers[l].get_submodule(hf_name).weight.copy_(getattr(stacked, stacked.norm_name(hf_name))[g])
         decoder.norm.weight.copy_(drafts.norm_weight[k])
         model.get_output_embeddings().weight.copy_(drafts.lm_head_weight[k])
     return model

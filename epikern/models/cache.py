@@ -19,10 +19,53 @@ from transformers.cache_utils import Cache, DynamicLayer
 class StackedKVLayer(DynamicLayer):
     """A growing KV layer for G groups: keys/values ``[G, B, kv_heads, seq, head_dim]``.
 
-    Sequence operations (``update``, ``crop``, ``get_seq_length``, ``get_mask_sizes``) are
-    inherited from :class:`~transformers.cache_utils.DynamicLayer`, which works on dim −2; the batch
-    operations are overridden to act on dim 1, the batch dim behind the group dim.
+    ``keys``/``values`` are the live prefix of buffers with room to grow (capacity ×1.5 when full,
+    at least :attr:`headroom` tokens more), so a decode step writes its new tokens in place instead
+    of copying the whole cache (``DynamicLayer`` concatenates), and ``crop`` (speculative rollback)
+    is a view. A tensor an earlier ``update`` returned is therefore only valid until the next
+    ``update`` after a ``crop``. ``crop``, ``get_seq_length`` and ``get_mask_sizes`` are inherited
+    from :class:`~transformers.cache_utils.DynamicLayer` (dim −2); the batch operations act on dim
+    1, the batch dim behind the group dim (they replace the buffers). With inputs that require grad
+    it concatenates, as ``DynamicLayer`` does, so that autograd never sees a buffer written in place.
     """
+
+    headroom = 64
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if key_states.requires_grad or value_states.requires_grad:
+            return super().update(key_states, value_states)
+        n, new = self.get_seq_length(), key_states.shape[-2]
+        if not self._writable(key_states, n + new):
+            self._grow(key_states, value_states, n + new)
+        self._key_buffer[..., n:n + new, :].copy_(key_states)
+        self._value_buffer[..., n:n + new, :].copy_(value_states)
+        self.keys, self.values = self._key_buffer[..., :n + new, :], self._value_buffer[..., :n + new, :]
+        return self.keys, self.values
+
+    def _writable(self, key_states: Tensor, length: int) -> bool:
+        """Whether ``keys``/``values`` are still the prefix of the buffers and ``length`` tokens fit."""
+        buffer = getattr(self, "_key_buffer", None)
+        return (buffer is not None and buffer.shape[-2] >= length and self.keys.numel() > 0
+                and self.keys.data_ptr() == buffer.data_ptr() and self.values.data_ptr() == self._value_buffer.data_ptr()
+                and self.keys.shape[:-2] == key_states.shape[:-2] == buffer.shape[:-2]
+                and self.keys.dtype == key_states.dtype)
+
+    def _grow(self, key_states: Tensor, value_states: Tensor, length: int) -> None:
+        """New buffers for at least ``length`` tokens holding the live keys/values."""
+        n = self.get_seq_length()
+        capacity = max(length + self.headroom, (3 * length) // 2)
+        for name, states in (("key", key_states), ("value", value_states)):
+            shape = (*states.shape[:-2], capacity, states.shape[-1])
+            buffer = states.new_empty(shape)
+            if n:
+                buffer[..., :n, :].copy_(self.keys if name == "key" else self.values)
+            setattr(self, f"_{name}_buffer", buffer)
+
+    def reset(self) -> None:
+        self._key_buffer = self._value_buffer = None
+        super().reset()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.get_seq_length() > 0:

@@ -27,7 +27,7 @@ from transformers import AutoConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .cache import DraftCache
-from .layers import LINEARS, NORMS, StackedDecoderLayer, grouped_linear, rms_norm
+from .layers import LINEARS, NORMS, StackedDecoderLayer, grouped_linear, in_major, rms_norm, rotary_tables
 from .masks import causal_mask, position_ids_from_mask
 
 CONFIG_NAME = "draft_ensemble.json"
@@ -53,7 +53,8 @@ class DraftEnsemble(nn.Module):
         biases: HF projection names that carry a bias, e.g. ``{"self_attn.q_proj", ...}`` (Qwen2).
 
     Parameters: ``embed_tokens.weight [V, H]``; ``layers[l]`` a :class:`StackedDecoderLayer` with
-    1 group for ``l < S`` and K groups otherwise; ``norm_weight [K, H]``; ``lm_head_weight [K, V, H]``.
+    1 group for ``l < S`` and K groups otherwise; ``norm_weight [K, H]``; ``lm_head_weight [K, V, H]``
+    (:func:`~epikern.models.layers.in_major`, as the layers' matrices).
     """
 
     def __init__(self, config, num_drafts: int, shared_layers: int, biases: Iterable[str] = (), *,
@@ -74,13 +75,14 @@ class DraftEnsemble(nn.Module):
         self.embed_tokens = nn.Embedding(V, H, dtype=dtype, device=device)
         nn.init.normal_(self.embed_tokens.weight, 0.0, getattr(config, "initializer_range", 0.02))
         self.rotary_emb = _rotary_class(config)(config=config).to(device)
+        self._rotary_table: Optional[tuple[Tensor, Tensor]] = None  # see _rotary
         self.layers = nn.ModuleList(
             StackedDecoderLayer(config, 1 if l < shared_layers else num_drafts, biases, dtype=dtype, device=device)
             for l in range(L)
         )
         self.norm_weight = nn.Parameter(torch.ones(num_drafts, H, dtype=dtype, device=device))
-        self.lm_head_weight = nn.Parameter(
-            torch.empty(num_drafts, V, H, dtype=dtype, device=device).normal_(0.0, getattr(config, "initializer_range", 0.02)))
+        self.lm_head_weight = nn.Parameter(in_major(
+            torch.empty(num_drafts, V, H, dtype=dtype, device=device).normal_(0.0, getattr(config, "initializer_range", 0.02))))
 
     # ------------------------------------------------------------------------------------------
     # construction
@@ -129,12 +131,12 @@ class DraftEnsemble(nn.Module):
             for l, layer in enumerate(ens.layers):
                 sources = [m.get_decoder().layers[l] for m in (models[:1] if l < shared_layers else models)]
                 for hf_name in LINEARS:
-                    name = layer.param_name(hf_name)
-                    getattr(layer, f"{name}_weight").copy_(torch.stack([s.get_submodule(hf_name).weight for s in sources]))
-                    if hf_name in biases:
-                        getattr(layer, f"{name}_bias").copy_(torch.stack([s.get_submodule(hf_name).bias for s in sources]))
+                    weight, bias = layer.projection(hf_name)
+                    weight.copy_(torch.stack([s.get_submodule(hf_name).weight for s in sources]))
+                    if bias is not None:
+                        bias.copy_(torch.stack([s.get_submodule(hf_name).bias for s in sources]))
                 for hf_name in NORMS:
-                    getattr(layer, layer.param_name(hf_name)).copy_(torch.stack([s.get_submodule(hf_name).weight for s in sources]))
+                    getattr(layer, layer.norm_name(hf_name)).copy_(torch.stack([s.get_submodule(hf_name).weight for s in sources]))
             ens.norm_weight.copy_(torch.stack([m.get_decoder().norm.weight for m in models]))
             ens.lm_head_weight.copy_(torch.stack([m.get_output_embeddings().weight for m in models]))
         return ens
@@ -144,8 +146,8 @@ class DraftEnsemble(nn.Module):
                   jitter: float = 0.0) -> "DraftEnsemble":
         """K drafts cloned from one HF causal LM, the starting point of DDD training.
 
-        With ``jitter > 0`` every branch tensor ``W`` (each draft separately) gets i.i.d. Gaussian
-        noise of standard deviation ``jitter · rms(W)``, drawn from ``torch.Generator`` seeded with
+        With ``jitter > 0`` every branch parameter ``W`` (:meth:`branch_parameters`; its rms taken over
+        all K drafts) gets i.i.d. Gaussian noise of standard deviation ``jitter · rms(W)``, drawn from ``torch.Generator`` seeded with
         ``seed``; the trunk stays exactly the base model's.
         """
         if jitter < 0:
@@ -178,10 +180,11 @@ class DraftEnsemble(nn.Module):
                 sub.layers[l] = layer
                 continue
             for name, param in layer.named_parameters():
-                setattr(sub.layers[l], name, nn.Parameter(param.detach().index_select(0, picked),
+                rows = param.detach().index_select(0, picked)
+                setattr(sub.layers[l], name, nn.Parameter(in_major(rows) if rows.dim() == 3 else rows,
                                                           requires_grad=param.requires_grad))
         sub.norm_weight = nn.Parameter(self.norm_weight.detach().index_select(0, picked))
-        sub.lm_head_weight = nn.Parameter(self.lm_head_weight.detach().index_select(0, picked))
+        sub.lm_head_weight = nn.Parameter(in_major(self.lm_head_weight.detach().index_select(0, picked)))
         return sub.train(self.training)
 
     def save_pretrained(self, directory: str) -> None:
@@ -190,7 +193,8 @@ class DraftEnsemble(nn.Module):
         os.makedirs(directory, exist_ok=True)
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-        meta = {"format": FORMAT, "format_version": 1, "num_drafts": self.num_drafts,
+        # format 2 stores fused qkv / gate_up projections; format 1 (unfused) still loads
+        meta = {"format": FORMAT, "format_version": 2, "num_drafts": self.num_drafts,
                 "shared_layers": self.shared_layers, "biases": sorted(self.biases),
                 "config": self.config.to_dict()}
         with open(os.path.join(directory, CONFIG_NAME), "w") as f:
@@ -280,7 +284,7 @@ class DraftEnsemble(nn.Module):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         h = self.embed_tokens(input_ids).unsqueeze(0)
-        cos, sin = self.rotary_emb(h[0], position_ids)
+        cos, sin = rotary_tables(*self._rotary(h[0], position_ids, past + T))
         for l, layer in enumerate(self.layers):
             if l == self.shared_layers:
                 h = h.expand(self.num_drafts, -1, -1, -1)
@@ -291,6 +295,25 @@ class DraftEnsemble(nn.Module):
             h = h[:, :, -logits_to_keep:]
         h = rms_norm(h, self.norm_weight, self.config.rms_norm_eps)
         return grouped_linear(h, self.lm_head_weight, None)
+
+    def _rotary(self, x: Tensor, position_ids: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """HF's rotary ``cos, sin [B, T, head_dim]`` at ``position_ids`` (``length`` = past + T).
+
+        A static RoPE (every type but HF's dynamic and longrope, which rescale with the sequence
+        length) is a function of the position alone, elementwise, so its values are looked up in a
+        table the HF module computed for positions ``0 .. max(length, max_position_embeddings) − 1``:
+        the same numbers, without recomputing them every decode step.
+        """
+        rope_type = getattr(self.rotary_emb, "rope_type", None)
+        if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
+            return self.rotary_emb(x, position_ids)
+        table = self._rotary_table
+        if table is None or table[0].shape[0] < length or table[0].dtype != x.dtype or table[0].device != x.device:
+            size = max(length, 2 * (0 if table is None else table[0].shape[0]),
+                       getattr(self.config, "max_position_embeddings", None) or 0)
+            cos, sin = self.rotary_emb(x[:1], torch.arange(size, device=x.device)[None])
+            self._rotary_table = table = (cos[0], sin[0])
+        return table[0][position_ids], table[1][position_ids]
 
     def _check_cache(self, cache: DraftCache, batch_size: int) -> None:
         if not isinstance(cache, DraftCache):

@@ -140,9 +140,10 @@ class DraftEstimator:
         token), so scoring costs no draft step either; after the last round one more draft step
         scores the final token if needed.
 
-        *Host synchronisation*: plain decoding reads the device only for the all-rows-finished
-        check, made only when ``eos_token_id`` is given; speculative decoding also reads the
-        accepted count of each round (one int, needed to crop the caches).
+        *Host synchronisation*: once at the start, whether ``attention_mask`` has padding (without
+        it the drafts run mask-free); then plain decoding reads the device only for the
+        all-rows-finished check, made only when ``eos_token_id`` is given; speculative decoding also
+        reads the accepted count of each round (one int, needed to crop the caches).
 
         Args:
             input_ids: ``[B, T0]`` prompts, left-padded if their lengths differ.
@@ -178,6 +179,8 @@ class DraftEstimator:
         B, T0 = input_ids.shape
         device = input_ids.device
         mask = torch.ones(B, T0, dtype=torch.long, device=device) if attention_mask is None else attention_mask
+        # without padding the drafts' causal attention needs no mask (decode steps skip building one)
+        padded = attention_mask is not None and not bool(attention_mask.all())
         eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).flatten()
         pad = getattr(self.target.config, "pad_token_id", None)
         pad = int(eos[0]) if pad is None and eos is not None else pad
@@ -216,8 +219,8 @@ class DraftEstimator:
 
             # drafts: g steps propose y_1..y_g (at least one step when scoring, for the EU of token 0)
             steps = max(g, 1) if with_uncertainty else g
-            draft_rows, q, ys = self._propose(draft_pending, grown, positions, n, g, steps, deferred is not None,
-                                              draft_cache, proposer, do_sample, generator)
+            draft_rows, q, ys = self._propose(draft_pending, grown if padded else None, positions, n, g, steps,
+                                              deferred is not None, draft_cache, proposer, do_sample, generator)
             forwards["draft"] += steps
 
             # target (and proxy): verify the round in one forward, g + 1 positions
@@ -261,8 +264,8 @@ class DraftEstimator:
                 break
         if deferred is not None:  # the last round's bonus token: the drafts' step after y_g
             ids = draft_pending[:, :1]
-            logits = self.drafts(ids, mask[:, :-1], draft_cache, position_ids=position_ids_from_mask(mask[:, :-1], 1),
-                                 logits_to_keep=1)
+            logits = self.drafts(ids, mask[:, :-1] if padded else None, draft_cache,
+                                 position_ids=position_ids_from_mask(mask[:, :-1], 1), logits_to_keep=1)
             forwards["draft"] += 1
             scores.append(self._uncertainty(logits, deferred[:, None]))
         stats = DecodingStats(speculative_tokens, tuple(proposed), tuple(accepted), len(proposed),
@@ -281,12 +284,13 @@ class DraftEstimator:
             u = nan_where_not(DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*scores))), generated_mask)
         return GenerationResult(torch.cat([input_ids, generated], dim=1), u, generated_mask, stats)
 
-    def _propose(self, draft_pending: Tensor, grown: Tensor, positions: Tensor, n: int, g: int, steps: int,
+    def _propose(self, draft_pending: Tensor, grown: Optional[Tensor], positions: Tensor, n: int, g: int, steps: int,
                  with_deferred: bool, cache, proposer: Callable[[Tensor], Tensor], do_sample: bool,
                  generator: Optional[torch.Generator]) -> tuple[list, list, list]:
         """``steps`` batched draft steps of a round; step j consumes ``draft_pending`` (j = 0) or
         ``y_j`` and, for j < g, proposes ``y_{j+1}``.
 
+        ``grown`` is the round's attention mask, or None when the batch has no padding.
         Returns the draft logits ``[K, B, V]`` at each position (first, with ``with_deferred``, the
         one after the previous round's last proposal), the proposal distributions ``[B, V']`` and
         the proposals ``[B]``.
@@ -295,8 +299,8 @@ class DraftEstimator:
         for j in range(steps):
             ids = draft_pending if j == 0 else ys[-1][:, None]
             keep = 2 if j == 0 and with_deferred else 1
-            logits = self.drafts(ids, grown[:, :n + j], cache, position_ids=positions[:, n + j - ids.shape[1]:n + j],
-                                 logits_to_keep=keep)
+            logits = self.drafts(ids, None if grown is None else grown[:, :n + j], cache,
+                                 position_ids=positions[:, n + j - ids.shape[1]:n + j], logits_to_keep=keep)
             rows.extend(logits.unbind(2))
             if j < g:
                 q.append(proposer(rows[-1]))

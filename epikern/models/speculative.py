@@ -49,9 +49,10 @@ def proposal_probs(draft_logits: Tensor, log_weights: Optional[Tensor], draft: O
         draft: propose from draft ``draft`` alone, or None for the mixture ``q̄ = Σ_k w_k q_k``.
         temperature: T of ``q_k = softmax(z_k / T)``.
     """
+    z = draft_logits.float() if temperature == 1 else draft_logits.float() / temperature
     if draft is not None:
-        return torch.softmax(draft_logits[draft].float() / temperature, dim=-1)
-    log_q = torch.log_softmax(draft_logits.float() / temperature, dim=-1)
+        return torch.softmax(z[draft], dim=-1)
+    log_q = torch.log_softmax(z, dim=-1)
     return torch.logsumexp(log_q + log_weights[:, None, None], dim=0).exp()
 
 

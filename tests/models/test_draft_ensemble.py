@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from epikern.models import DraftCache, DraftEnsemble
+from epikern.models.layers import FUSED
 from .helpers import drafts_sharing_trunk, hf_caches, hf_forward, tiny_model
 
 ATOL = 1e-5
@@ -87,6 +89,51 @@ def test_crop_then_redecode_equals_fresh_run():
     fresh = ens(ids, mask)
     torch.testing.assert_close(redo, fresh[:, :, 7:10], atol=ATOL, rtol=0)
     torch.testing.assert_close(last, fresh[:, :, 10:12], atol=ATOL, rtol=0)
+
+
+def test_stacked_kv_layer_writes_in_place_and_matches_concatenation():
+    """The growing buffer holds what DynamicLayer's concatenation holds, through updates past its
+    capacity, crops, batch selection and gradient-carrying inputs."""
+    from transformers.cache_utils import DynamicLayer
+
+    from epikern.models.cache import StackedKVLayer
+
+    gen = torch.Generator().manual_seed(0)
+    ours, ref = StackedKVLayer(), DynamicLayer()
+    steps = [("update", 5), ("update", 1), ("crop", 2), ("update", 3), ("update", 70), ("crop", 40),
+             ("select", None), ("update", 2), ("update", 1)]
+    B = 3
+    for op, n in steps:
+        if op == "update":
+            k, v = (torch.randn(2, B, 2, n, 4, generator=gen) for _ in range(2))
+            got, want = ours.update(k, v), ref.update(k, v)
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)
+        elif op == "crop":
+            ours.crop(-n)
+            ref.crop(-n)
+        else:  # keep rows 0 and 2 (DynamicLayer's batch dim is 0; ours is 1, behind the group dim)
+            ours.batch_select_indices(torch.tensor([0, 2]))
+            ref.keys, ref.values = ref.keys[:, [0, 2]], ref.values[:, [0, 2]]
+            B = 2
+        assert ours.get_seq_length() == ref.get_seq_length()
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values)
+    assert ours._key_buffer.shape[-2] > ours.get_seq_length()  # room left: the next step writes in place
+    k = torch.randn(2, B, 2, 1, 4, requires_grad=True)
+    with torch.enable_grad():  # with grad, concatenation: autograd reaches the new keys
+        keys, _ = ours.update(k, k.detach())
+        keys.sum().backward()
+    assert torch.equal(k.grad, torch.ones_like(k))
+
+
+def test_rotary_table_lookup_equals_the_hf_module():
+    ens = DraftEnsemble.from_base(tiny_model(), num_drafts=2, shared_layers=1)
+    x = torch.randn(2, 3, 8)
+    positions = torch.tensor([[0, 5, 9], [3, 4, 400]])  # 400: beyond max_position_embeddings
+    table = ens._rotary(x, positions, 401)
+    for a, b in zip(table, ens.rotary_emb(x, positions)):
+        assert torch.equal(a, b)
+    assert ens._rotary_table[0].shape[0] >= 401
 
 
 def test_batch_select_reorder_and_repeat_follow_hf_conventions():
@@ -180,6 +227,36 @@ def test_save_load_round_trip_stores_trunk_once(tmp_path, arch):
     out = half(ids, mask)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float()[:, mask.bool()], ens(ids, mask)[:, mask.bool()], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_an_unfused_state_dict_loads_into_the_fused_projections(tmp_path, arch):
+    """Checkpoints saved before q/k/v and gate/up were fused (format 1) still load, to the same model."""
+    ens = DraftEnsemble.from_base(tiny_model(arch), num_drafts=2, shared_layers=1, seed=3, jitter=0.1)
+    old = {}
+    for key, value in ens.state_dict().items():
+        prefix, _, name = key.rpartition(".")
+        layer = ens.get_submodule(prefix) if prefix.startswith("layers.") else None
+        fused = name.rsplit("_", 1)[0] if layer is not None else None
+        if fused in ("qkv", "gate_up"):
+            kind = name.rsplit("_", 1)[1]
+            for hf_name in FUSED[fused]:
+                weight, bias = layer.projection(hf_name)
+                old[f"{prefix}.{hf_name.split('.')[-1].removesuffix('_proj')}_{kind}"] = weight if kind == "weight" else bias
+        else:
+            old[key] = value
+    assert "layers.0.q_weight" in old and "layers.0.qkv_weight" not in old
+    ens.save_pretrained(str(tmp_path))
+    save_file({k: v.detach().contiguous() for k, v in old.items()}, str(tmp_path / "model.safetensors"))
+    loaded = DraftEnsemble.from_pretrained(str(tmp_path))
+    for (name, a), b in zip(ens.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_fused_projections_need_all_or_no_biases():
+    config = tiny_model().config
+    with pytest.raises(ValueError, match="either all or none of them may have a bias"):
+        DraftEnsemble(config, 2, 1, biases={"self_attn.q_proj", "self_attn.k_proj"})
 
 
 def test_unsupported_layouts_are_rejected():

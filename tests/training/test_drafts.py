@@ -51,8 +51,8 @@ def test_drafts_load_as_a_draft_ensemble_with_the_targets_trunk(trained, micro_t
         ens = DraftEnsemble.from_pretrained(out)
         assert (ens.num_drafts, ens.shared_layers, ens.num_layers) == (2, 1, 2)
         torch.testing.assert_close(ens.embed_tokens.weight, target.model.embed_tokens.weight, rtol=0, atol=0)
-        torch.testing.assert_close(ens.layers[0].q_weight[0], target.model.layers[0].self_attn.q_proj.weight,
-                                   rtol=0, atol=0)
+        q_weight, _ = ens.layers[0].projection("self_attn.q_proj")
+        torch.testing.assert_close(q_weight[0], target.model.layers[0].self_attn.q_proj.weight, rtol=0, atol=0)
         assert not torch.equal(ens.lm_head_weight[0], ens.lm_head_weight[1])
         for d in summary["drafts"]:
             assert d["final_loss"] < d["first_loss"]

@@ -38,7 +38,8 @@ def test_two_smollm2_drafts_with_its_trunk_learn_from_two_gsm8k_prompts(smollm2)
     ens = DraftEnsemble.from_models(drafts, shared_layers=2)
     assert (ens.num_drafts, ens.shared_layers, ens.vocab_size) == (2, 2, 49152)
     torch.testing.assert_close(ens.embed_tokens.weight, model.model.embed_tokens.weight, rtol=0, atol=0)
-    torch.testing.assert_close(ens.layers[1].v_weight[0], model.model.layers[1].self_attn.v_proj.weight, rtol=0, atol=0)
+    v_weight, _ = ens.layers[1].projection("self_attn.v_proj")
+    torch.testing.assert_close(v_weight[0], model.model.layers[1].self_attn.v_proj.weight, rtol=0, atol=0)
     assert torch.equal(model.model.embed_tokens.weight, target.model.embed_tokens.weight)  # nothing touched the model
 
 
