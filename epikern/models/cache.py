@@ -84,7 +84,8 @@ class StackedKVLayer(DynamicLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the live keys and values (0 before the first update)."""
+        """Bytes of the live keys and values (0 before the first update); the buffers behind them
+        hold up to ×1.5 + :attr:`headroom` tokens more."""
         if not self.is_initialized:
             return 0
         return self.keys.nbytes + self.values.nbytes
@@ -122,7 +123,8 @@ class DraftCache(Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all cached keys and values: ``(S + K·(L−S)) · 2 · B · kv_heads · seq · head_dim · itemsize``."""
+        """Bytes of all cached keys and values: ``(S + K·(L−S)) · 2 · B · kv_heads · seq · head_dim · itemsize``
+        (the live cache; see :attr:`StackedKVLayer.nbytes` for the buffers' headroom)."""
         return sum(layer.nbytes for layer in self.layers)
 
     def batch_select_indices(self, indices: Tensor) -> None:
