@@ -146,9 +146,9 @@ class DraftEnsemble(nn.Module):
                   jitter: float = 0.0) -> "DraftEnsemble":
         """K drafts cloned from one HF causal LM, the starting point of DDD training.
 
-        With ``jitter > 0`` every branch parameter ``W`` (:meth:`branch_parameters`; its rms taken over
-        all K drafts) gets i.i.d. Gaussian noise of standard deviation ``jitter · rms(W)``, drawn from ``torch.Generator`` seeded with
-        ``seed``; the trunk stays exactly the base model's.
+        With ``jitter > 0`` every branch parameter ``W`` (:meth:`branch_parameters`; its rms taken
+        over all K drafts) gets i.i.d. Gaussian noise of standard deviation ``jitter · rms(W)``,
+        drawn from ``torch.Generator`` seeded with ``seed``; the trunk stays exactly the base model's.
         """
         if jitter < 0:
             raise ValueError(f"jitter must be >= 0, got {jitter}")
