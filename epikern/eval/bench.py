@@ -365,8 +365,9 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
     for r in result["rows"]:
         name = r["variant"] + (f" γ={r['gamma']}" if r["gamma"] else "")
         row = {"name": name, **r}
-        if r["variant"].endswith("+EU"):
+        if "+EU" in r["variant"]:
             row["speedup_vs_plain_eu"] = r["tokens_per_s"] / plain_eu
+        if r["variant"] in ("plain+EU", "spec+EU"):  # EU's share of a round is measured for these
             row.update({f"eu_{k}": v for k, v in result["eu"].get(r["gamma"], {}).items()})
         if row.get("acceptance") is None:
             row["acceptance"] = None

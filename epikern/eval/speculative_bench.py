@@ -13,7 +13,9 @@ tokens/s is the median over ``--repeats`` of (prompts × new tokens) ÷ wall tim
   the target only to score it);
 * per γ: ``spec`` (speculative, EU off), ``spec+EU`` (EU on every emitted token), ``spec K=1``
   (draft 0 alone as a one-draft ensemble, EU off) and ``assisted`` (transformers'
-  ``generate(assistant_model=draft 0)`` with γ candidate tokens a round — the one-draft anchor).
+  ``generate(assistant_model=draft 0)`` with γ candidate tokens a round — the one-draft anchor);
+* per γ ≥ 2, the adaptive rounds ``spec τ`` and ``spec+EU τ``: γ at most, a round ends after a
+  proposal with q(y) < τ (``--confidence``, default :data:`CONFIDENCE`; 0 leaves them out).
 
 Also reported: acceptance (accepted ÷ proposed), tokens per target forward, EU's share of a round
 (from the medians with and without EU, and from one timed :func:`epikern.draft_uncertainty` call at
@@ -64,6 +66,9 @@ PROMPTS = (
     "afternoon. How many muffins are left at the end of the day?",
 )
 GAMMAS = (1, 2, 4, 8)
+#: τ of the adaptive variants: the best of 0.3 / 0.5 / 0.7 / 0.9 for the tiny DDD drafts at γ = 4
+#: and 8 (benchmarks/RESULTS.md); transformers' assisted generation defaults to 0.4.
+CONFIDENCE = 0.7
 
 
 # ------------------------------------------------------------------------------------------------
@@ -190,10 +195,11 @@ def step_runners(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor,
 
 def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Tensor], *,
             gammas: Sequence[int] = GAMMAS, new_tokens: int = 32, repeats: int = 3, proposal="mixture",
-            assisted: bool = True, progress: bool = True) -> dict:
+            confidence: float = CONFIDENCE, assisted: bool = True, progress: bool = True) -> dict:
     """Time plain, speculative (EU off/on) and assisted greedy decoding of ``prompts`` (each ``[1, T]``).
 
-    Returns a dict with
+    ``confidence`` > 0 adds, for γ ≥ 2, the adaptive ``spec τ`` and ``spec+EU τ`` (a round stops
+    after a proposal with q(y) < τ). Returns a dict with
 
     * ``rows``: one per variant (``variant``, ``gamma``, ``tokens_per_s``, ``speedup`` over ``hf``,
       ``same_tokens`` as ``hf``; for epikern variants ``acceptance``, ``tokens_per_round``,
@@ -228,6 +234,11 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
             over_prompts(f"spec γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, with_uncertainty=False, **kw)),
             over_prompts(f"spec+EU γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, **kw)),
             over_prompts(f"spec K=1 γ={g}", lambda p, kw=kw: one.generate(p, with_uncertainty=False, **kw))])
+        if confidence and g > 1:  # (one proposal a round cannot stop earlier)
+            kw = dict(kw, proposal=proposal, confidence_threshold=confidence)
+            variants.update([
+                over_prompts(f"spec τ={confidence} γ={g}", lambda p, kw=kw: est.generate(p, with_uncertainty=False, **kw)),
+                over_prompts(f"spec+EU τ={confidence} γ={g}", lambda p, kw=kw: est.generate(p, **kw))])
         if assistant is not None:
             variants.update([over_prompts(f"assisted γ={g}", lambda p, g=g: _assisted(target, assistant, p, g, new_tokens))])
     steps = step_runners(target, drafts, prompts[0], gammas)  # timed in the same rounds as the decoders
@@ -344,6 +355,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prompt-length", type=int, default=64, help="random prompt length for the tiny random target")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--proposal", default="mixture", help="'mixture' or a draft index")
+    parser.add_argument("--confidence", type=float, default=CONFIDENCE,
+                        help="τ of the adaptive variants (a round stops after a proposal with q(y) < τ); 0: none")
     parser.add_argument("--no-assisted", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steady on a shared machine)")
     parser.add_argument("--json", type=Path, help="also write machine info, config and rows as JSON")
@@ -367,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     prompts = _prompts(tokenizer, target.config.vocab_size, args.prompts, args.prompt_length, dataset)
     machine = machine_info()  # the same record as epikern bench's report.json
     result = measure(target, drafts, prompts, gammas=args.gammas, new_tokens=args.new_tokens, repeats=args.repeats,
-                     proposal=proposal, assisted=not args.no_assisted)
+                     proposal=proposal, confidence=args.confidence, assisted=not args.no_assisted)
     machine["loadavg_end"] = os.getloadavg()[0]
     c = result["config"]
     print(f"\nSpeculative decoding with EU: target {args.target} ({L} layers, V={c['vocab']}), {how}: K={c['num_drafts']}, "

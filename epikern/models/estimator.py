@@ -103,7 +103,8 @@ class DraftEstimator:
                  do_sample: bool = False, temperature: float = 1.0,
                  eos_token_id: Union[None, int, Sequence[int]] = None,
                  generator: Optional[torch.Generator] = None, speculative_tokens: int = 0,
-                 proposal: Union[str, int] = MIXTURE, with_uncertainty: bool = True) -> GenerationResult:
+                 proposal: Union[str, int] = MIXTURE, confidence_threshold: float = 0.0,
+                 with_uncertainty: bool = True) -> GenerationResult:
         """Decode with the target, speculatively with the drafts' proposals when ``speculative_tokens`` > 0.
 
         **Plain decoding** (γ = ``speculative_tokens`` = 0): each step runs the target (its own
@@ -121,6 +122,13 @@ class DraftEstimator:
         greedy output is the target's greedy output and the sampled output is distributed exactly as
         the target's. The caches of the target, the proxy and the drafts are rolled back with
         ``crop``. Near ``max_new_tokens`` a round proposes fewer tokens, so none is wasted.
+
+        *Adaptive rounds* (``confidence_threshold`` τ > 0): a round stops proposing after a proposal
+        y whose proposal probability q(y) is below τ in some unfinished row, so γ becomes the most a
+        round proposes (transformers' ``assistant_confidence_threshold``; the adaptive candidate
+        length of SpecDec++). A proposal the drafts doubt is likely rejected, and every draft step
+        after it would be wasted with it. The stop depends only on the drafts, never on the target,
+        so greedy output stays the target's and sampled output stays exactly the target's law.
 
         *Batches*: the rows advance together by the smallest accepted count n (rows finished by eos
         do not count). This is lossless: each row's first n accepted proposals are its target's own
@@ -143,7 +151,8 @@ class DraftEstimator:
         *Host synchronisation*: once at the start, whether ``attention_mask`` has padding (without
         it the drafts run mask-free); then plain decoding reads the device only for the
         all-rows-finished check, made only when ``eos_token_id`` is given; speculative decoding also
-        reads the accepted count of each round (one int, needed to crop the caches).
+        reads the accepted count of each round (one int, needed to crop the caches) and, with τ > 0,
+        one bool per draft step (whether to stop proposing).
 
         Args:
             input_ids: ``[B, T0]`` prompts, left-padded if their lengths differ.
@@ -156,6 +165,8 @@ class DraftEstimator:
             generator: random generator for sampling (proposals, acceptance and target samples).
             speculative_tokens: γ ≥ 0 proposals per round (0: plain decoding).
             proposal: ``"mixture"`` or a draft index k in ``[0, K)``.
+            confidence_threshold: τ in [0, 1]: end a round's proposals after one with q(y) < τ
+                (0: always γ proposals).
             with_uncertainty: False skips the uncertainty (and the proxy reference, and at γ = 0 the
                 drafts); the result's ``uncertainty`` is then None.
 
@@ -163,8 +174,8 @@ class DraftEstimator:
             :class:`GenerationResult`; its ``stats`` count rounds, acceptance and forwards.
 
         Raises:
-            ValueError: negative ``max_new_tokens`` or γ, ``proposal`` out of range, sampling with a
-                non-positive temperature. TypeError: a non-integer γ.
+            ValueError: negative ``max_new_tokens`` or γ, ``proposal`` out of range, τ outside
+                [0, 1], sampling with a non-positive temperature. TypeError: a non-integer γ.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -174,6 +185,8 @@ class DraftEstimator:
             raise TypeError(f"speculative_tokens must be an int, got {type(speculative_tokens).__name__}")
         if speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0, got {speculative_tokens}")
+        if not 0 <= confidence_threshold <= 1:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
         K = self.drafts.num_drafts
         draft = check_proposal(proposal, K)
         B, T0 = input_ids.shape
@@ -220,8 +233,12 @@ class DraftEstimator:
             # drafts: g steps propose y_1..y_g (at least one step when scoring, for the EU of token 0)
             steps = max(g, 1) if with_uncertainty else g
             draft_rows, q, ys = self._propose(draft_pending, grown if padded else None, positions, n, g, steps,
-                                              deferred is not None, draft_cache, proposer, do_sample, generator)
-            forwards["draft"] += steps
+                                              deferred is not None, draft_cache, proposer, do_sample, generator,
+                                              confidence_threshold, finished)
+            forwards["draft"] += len(draft_rows) - (deferred is not None)
+            if len(ys) < g:  # the confidence stop ended the round early
+                g = len(ys)
+                grown, positions = grown[:, :n + g], positions[:, :n + g]
 
             # target (and proxy): verify the round in one forward, g + 1 positions
             verify = torch.cat([pending, *(y[:, None] for y in ys)], dim=1)
@@ -286,9 +303,10 @@ class DraftEstimator:
 
     def _propose(self, draft_pending: Tensor, grown: Optional[Tensor], positions: Tensor, n: int, g: int, steps: int,
                  with_deferred: bool, cache, proposer: Callable[[Tensor], Tensor], do_sample: bool,
-                 generator: Optional[torch.Generator]) -> tuple[list, list, list]:
+                 generator: Optional[torch.Generator], stop_below: float, finished: Tensor) -> tuple[list, list, list]:
         """``steps`` batched draft steps of a round; step j consumes ``draft_pending`` (j = 0) or
-        ``y_j`` and, for j < g, proposes ``y_{j+1}``.
+        ``y_j`` and, for j < g, proposes ``y_{j+1}``; the steps end after a proposal with
+        ``q(y) < stop_below`` in a row not ``finished`` (fewer than g proposals then).
 
         ``grown`` is the round's attention mask, or None when the batch has no padding.
         Returns the draft logits ``[K, B, V]`` at each position (first, with ``with_deferred``, the
@@ -305,6 +323,10 @@ class DraftEstimator:
             if j < g:
                 q.append(proposer(rows[-1]))
                 ys.append(propose(q[-1], do_sample, generator))
+                if stop_below and j + 1 < g:
+                    confidence = q[-1].gather(1, ys[-1][:, None]).squeeze(1)
+                    if bool(((confidence < stop_below) & ~finished).any()):
+                        break
         return rows, q, ys
 
     def _uncertainty(self, draft_logits: Tensor, ref_logits: Tensor) -> DraftUncertainty:

@@ -55,11 +55,14 @@ def test_measure_reports_every_variant(target):
     prompt = torch.randint(0, target.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(2))
     out = sb.measure(target, drafts, [prompt], gammas=(2,), new_tokens=6, repeats=1, progress=False)
     names = [r["variant"] for r in out["rows"]]
-    assert names == ["hf", "plain", "plain+EU", "spec", "spec+EU", "spec K=1", "assisted"]
+    assert names == ["hf", "plain", "plain+EU", "spec", "spec+EU", "spec K=1", "spec τ=0.7", "spec+EU τ=0.7",
+                     "assisted"]
     assert all(r["same_tokens"] for r in out["rows"])  # every decoder emits the target's greedy tokens
     assert all(r["tokens_per_s"] > 0 for r in out["rows"])
     spec = next(r for r in out["rows"] if r["variant"] == "spec+EU")
     assert spec["gamma"] == 2 and 1.0 <= spec["tokens_per_round"] <= 3.0 and 0.0 <= spec["acceptance"] <= 1.0
     assert set(out["eu"]) == {0, 2} and set(out["steps"]["ms"]) == {"target_1", "target_3", "draft_1", "draft_2"}
     table = sb.format_table(out)
-    assert table.count("\n| spec") == 3 and "EU share" in table
+    assert table.count("\n| spec") == 5 and "EU share" in table
+    adaptive = next(r for r in out["rows"] if r["variant"] == "spec τ=0.7")
+    assert adaptive["gamma"] == 2 and adaptive["draft_forwards"] <= spec["draft_forwards"]

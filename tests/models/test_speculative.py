@@ -94,6 +94,31 @@ def test_greedy_equals_hf_generate_and_plain_decoding(tiny, K, S, batch, with_eo
             assert not out.generated_mask[0, 6:].any()  # row 0 stopped at its eos (position 5)
 
 
+@pytest.mark.parametrize("with_eos", [False, True])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_confidence_stop_keeps_greedy_output_and_uncertainty(tiny, batch, with_eos):
+    """Adaptive rounds: a round stops proposing after a doubted proposal (q(y) < τ), the output and
+    the EU stay plain decoding's, and the drafts take fewer steps than with γ proposals a round."""
+    target, drafts, proxy, _, _ = tiny
+    ids, mask = _batch(tiny, batch)
+    eos = _eos(tiny, batch) if with_eos else None
+    est = DraftEstimator(target, drafts[4, 2], proxy)
+    plain = est.generate(ids, mask, max_new_tokens=16, eos_token_id=eos)
+    fixed = est.generate(ids, mask, max_new_tokens=16, eos_token_id=eos, speculative_tokens=5)
+    for tau in (0.5, 0.9, 1.0):
+        out = est.generate(ids, mask, max_new_tokens=16, eos_token_id=eos, speculative_tokens=5,
+                           confidence_threshold=tau)
+        assert torch.equal(out.sequences, plain.sequences), f"τ={tau}"
+        assert torch.equal(out.generated_mask, plain.generated_mask)
+        _assert_uncertainty_close(out.uncertainty, plain.uncertainty)
+        st = out.stats
+        assert all(0 <= a <= p <= 5 for a, p in zip(st.accepted, st.proposed))
+        assert sum(st.accepted) + st.rounds == out.generated_mask.shape[1]
+        assert st.reference_forwards == st.target_forwards == st.rounds
+        assert st.draft_forwards < fixed.stats.draft_forwards
+        assert min(st.proposed[:-1]) < 5 if tau < 1 else set(st.proposed) <= {0, 1}  # q(y) < 1 always stops
+
+
 def test_greedy_sliding_window_target_and_single_draft_proposal(tiny):
     """Rollback past a Mistral sliding window (the target's cache records its past while speculating),
     and proposals from one draft of the ensemble."""
@@ -194,6 +219,9 @@ def test_bad_input(tiny):
     for bad in (4, -1, True, "mean"):
         with pytest.raises(ValueError, match=r"proposal must be 'mixture' or a draft index in \[0, 4\)"):
             est.generate(ids, mask, speculative_tokens=2, proposal=bad)
+    for tau in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\], got"):
+            est.generate(ids, mask, speculative_tokens=2, confidence_threshold=tau)
     for temperature in (0.0, -1.0):
         with pytest.raises(ValueError, match="temperature must be > 0 when sampling"):
             est.generate(ids, mask, speculative_tokens=2, do_sample=True, temperature=temperature)
@@ -245,28 +273,36 @@ def _index(tokens: torch.Tensor) -> np.ndarray:
     return (tokens[:, 0] * V_SMALL ** 2 + tokens[:, 1] * V_SMALL + tokens[:, 2]).numpy()
 
 
-def test_sampling_follows_the_target_law_one_row(small_vocab):
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_sampling_follows_the_target_law_one_row(small_vocab, tau):
     """Batch 1, γ = 2, three tokens, 600 seeded runs: the first token, a token after an accepted
     proposal, the residual after a rejection and the bonus token all occur, and the joint law of the
-    three tokens is the target's (and clearly not the drafts')."""
+    three tokens is the target's (and clearly not the drafts'); with a confidence stop (τ) too,
+    where a first round stopped after one proposal both accepts it (then a bonus token) and rejects it."""
     est, prompt, p, q = small_vocab
-    counts, cuts = np.zeros(V_SMALL ** 3), set()
+    counts, paths = np.zeros(V_SMALL ** 3), set()
     for seed in range(600):
         out = est.generate(prompt, max_new_tokens=3, do_sample=True, temperature=TEMPERATURE, speculative_tokens=2,
-                           generator=torch.Generator().manual_seed(seed), with_uncertainty=False)
+                           confidence_threshold=tau, generator=torch.Generator().manual_seed(seed),
+                           with_uncertainty=False)
         counts[_index(out.sequences[:, 3:])] += 1
-        cuts.add(out.stats.accepted)
-    assert {(0, 0, 0), (0, 1), (1, 0), (2,)} <= cuts  # every path of a round was taken
+        paths.add((out.stats.proposed[0], out.stats.accepted))
+    cuts = {accepted for _, accepted in paths}
+    assert {(0, 0, 0), (0, 1), (1, 0), (2,)} <= cuts  # every path of a full round was taken
+    stopped = {accepted[0] for proposed, accepted in paths if proposed == 1}
+    assert stopped == (set() if tau == 0 else {0, 1})
     assert _chi_square_pvalue(counts, p) > 1e-3
     assert _chi_square_pvalue(counts, q) < 1e-9
     assert _chi_square_pvalue(counts.reshape(V_SMALL, -1).sum(1), p.reshape(V_SMALL, -1).sum(1)) > 1e-3  # x1 alone
 
 
-def test_sampling_follows_the_target_law_batch(small_vocab):
-    """2000 rows in one call: rows cut short by other rows' rejections still follow the target's law."""
+@pytest.mark.parametrize("tau", [0.0, 0.3])
+def test_sampling_follows_the_target_law_batch(small_vocab, tau):
+    """2000 rows in one call: rows cut short by other rows' rejections (or confidence) still follow
+    the target's law."""
     est, prompt, p, q = small_vocab
     out = est.generate(prompt.expand(2000, -1), max_new_tokens=3, do_sample=True, temperature=TEMPERATURE,
-                       speculative_tokens=2, generator=torch.Generator().manual_seed(11))
+                       speculative_tokens=2, confidence_threshold=tau, generator=torch.Generator().manual_seed(11))
     counts = np.bincount(_index(out.sequences[:, 3:]), minlength=V_SMALL ** 3)
     assert _chi_square_pvalue(counts, p) > 1e-3
     assert _chi_square_pvalue(counts, q) < 1e-9
