@@ -15,7 +15,7 @@ tokens/s is the median over ``--repeats`` of (prompts × new tokens) ÷ wall tim
   (draft 0 alone as a one-draft ensemble, EU off) and ``assisted`` (transformers'
   ``generate(assistant_model=draft 0)`` with γ candidate tokens a round — the one-draft anchor);
 * per γ ≥ 2, the adaptive rounds ``spec τ`` and ``spec+EU τ``: γ at most, a round ends after a
-  proposal with q(y) < τ (``--confidence``, default :data:`CONFIDENCE`; 0 leaves them out).
+  proposal with q(y) < τ, for each τ of ``--confidence`` (default :data:`CONFIDENCE`; 0: none).
 
 Also reported: acceptance (accepted ÷ proposed), tokens per target forward, EU's share of a round
 (from the medians with and without EU, and from one timed :func:`epikern.draft_uncertainty` call at
@@ -195,10 +195,10 @@ def step_runners(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor,
 
 def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Tensor], *,
             gammas: Sequence[int] = GAMMAS, new_tokens: int = 32, repeats: int = 3, proposal="mixture",
-            confidence: float = CONFIDENCE, assisted: bool = True, progress: bool = True) -> dict:
+            confidence: Sequence[float] = (CONFIDENCE,), assisted: bool = True, progress: bool = True) -> dict:
     """Time plain, speculative (EU off/on) and assisted greedy decoding of ``prompts`` (each ``[1, T]``).
 
-    ``confidence`` > 0 adds, for γ ≥ 2, the adaptive ``spec τ`` and ``spec+EU τ`` (a round stops
+    Each τ > 0 of ``confidence`` adds, for γ ≥ 2, the adaptive ``spec τ`` and ``spec+EU τ`` (a round stops
     after a proposal with q(y) < τ). Returns a dict with
 
     * ``rows``: one per variant (``variant``, ``gamma``, ``tokens_per_s``, ``speedup`` over ``hf``,
@@ -234,11 +234,12 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
             over_prompts(f"spec γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, with_uncertainty=False, **kw)),
             over_prompts(f"spec+EU γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, **kw)),
             over_prompts(f"spec K=1 γ={g}", lambda p, kw=kw: one.generate(p, with_uncertainty=False, **kw))])
-        if confidence and g > 1:  # (one proposal a round cannot stop earlier)
-            kw = dict(kw, proposal=proposal, confidence_threshold=confidence)
-            variants.update([
-                over_prompts(f"spec τ={confidence} γ={g}", lambda p, kw=kw: est.generate(p, with_uncertainty=False, **kw)),
-                over_prompts(f"spec+EU τ={confidence} γ={g}", lambda p, kw=kw: est.generate(p, **kw))])
+        for tau in confidence if g > 1 else ():  # (one proposal a round cannot stop earlier)
+            if tau:
+                kw_tau = dict(kw, proposal=proposal, confidence_threshold=tau)
+                variants.update([
+                    over_prompts(f"spec τ={tau} γ={g}", lambda p, kw=kw_tau: est.generate(p, with_uncertainty=False, **kw)),
+                    over_prompts(f"spec+EU τ={tau} γ={g}", lambda p, kw=kw_tau: est.generate(p, **kw))])
         if assistant is not None:
             variants.update([over_prompts(f"assisted γ={g}", lambda p, g=g: _assisted(target, assistant, p, g, new_tokens))])
     steps = step_runners(target, drafts, prompts[0], gammas)  # timed in the same rounds as the decoders
@@ -355,8 +356,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--prompt-length", type=int, default=64, help="random prompt length for the tiny random target")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--proposal", default="mixture", help="'mixture' or a draft index")
-    parser.add_argument("--confidence", type=float, default=CONFIDENCE,
-                        help="τ of the adaptive variants (a round stops after a proposal with q(y) < τ); 0: none")
+    parser.add_argument("--confidence", type=float, nargs="+", default=[CONFIDENCE],
+                        help="τ of the adaptive variants, one pair of rows each (a round stops after a proposal "
+                             "with q(y) < τ); 0: none")
     parser.add_argument("--no-assisted", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steady on a shared machine)")
     parser.add_argument("--json", type=Path, help="also write machine info, config and rows as JSON")
