@@ -384,7 +384,8 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
 # plots
 
 
-def _plots(out: Path, models: Models, batches: list[Batch], results: dict, truth: list, wrong) -> dict:
+def _plots(out: Path, models: Models, batches: list[Batch], results: dict, truth: list, wrong,
+           speculative: list[dict]) -> dict:
     from . import metrics, plots
 
     plotted = {}
@@ -412,6 +413,8 @@ def _plots(out: Path, models: Models, batches: list[Batch], results: dict, truth
         plotted["ROC curves (hallucination detection)"] = plots.roc_curves(out / "roc.png", curves)
     points = {name: (r["flops_per_token"], r["auroc_lr"]) for name, r in results.items()}
     plotted["Cost vs quality"] = plots.cost_quality(out / "cost_quality.png", points)
+    if any(r.get("gamma") and r.get("speedup") for r in speculative):
+        plotted["Speculative decoding: speed per γ"] = plots.speculative_speedup(out / "speculative.png", speculative)
     return {title: os.path.relpath(path, out) for title, path in plotted.items()}
 
 
@@ -457,7 +460,7 @@ def run(cfg: BenchConfig) -> dict:
     bar.close()
     speculative, speculative_steps = _speculative(models, batches, cfg)
     lap("speculative")
-    plots = _plots(out, models, batches, results, truth["scores"], wrong)
+    plots = _plots(out, models, batches, results, truth["scores"], wrong, speculative)
     lap("plots")
     tokur_flops = results["tokur"]["flops_per_token"]
     method_table = {}

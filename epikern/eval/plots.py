@@ -1,4 +1,5 @@
-"""PNG plots of the benchmark report (SPEC §6): EU traces, ROC curves, the cost–quality plane.
+"""PNG plots of the benchmark report (SPEC §6): EU traces, ROC curves, the cost–quality plane,
+speculative decoding's speed per γ.
 
 Each function writes one PNG with matplotlib's Agg backend (no display needed) and returns its path.
 """
@@ -17,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
-__all__ = ["eu_traces", "roc_curves", "cost_quality"]
+__all__ = ["eu_traces", "roc_curves", "cost_quality", "speculative_speedup"]
 
 #: At most this many tokens get their text as x tick labels; longer responses get index ticks.
 MAX_TOKEN_LABELS = 80
@@ -204,4 +205,61 @@ def cost_quality(path, points: Mapping[str, tuple], title: str = "Cost vs qualit
                 transform=ax.transAxes, fontsize=8, color="0.3", va="top")
     fig.draw_without_rendering()  # text extents for the label placement
     _place_labels(fig, texts)
+    return _save(fig, path)
+
+
+def speculative_speedup(path, rows: Sequence[Mapping], title: str = "Speculative decoding: speed per γ",
+                        baseline: str = "hf") -> str:
+    """Speed over plain decoding (left) and tokens emitted per target forward (right) against γ.
+
+    Args:
+        rows: :func:`epikern.eval.speculative_bench.measure`'s rows (dicts with ``variant``,
+            ``gamma`` — 0 for the variants without rounds —, ``speedup`` over ``baseline`` and, for
+            epikern's decoders, ``tokens_per_round``). Variants with γ > 0 become lines; those with
+            γ = 0 (``plain``, ``plain+EU``) horizontal references, as does ``baseline`` at 1×.
+        baseline: the variant the speedups are relative to.
+
+    Above the 1× line speculative decoding beats plain decoding; the right panel shows why a line
+    rises or falls (tokens a round against the γ + 1 it could emit at most).
+    """
+    per_gamma: dict = {}
+    flat = {}
+    for r in rows:
+        if r.get("speedup") is None or not np.isfinite(r["speedup"]):
+            continue
+        if r.get("gamma"):
+            per_gamma.setdefault(r["variant"], []).append((r["gamma"], r["speedup"], r.get("tokens_per_round")))
+        else:
+            flat[r["variant"]] = r["speedup"]
+    if not per_gamma:
+        raise ValueError("no rows with γ > 0 and a speedup")
+    fig, (ax, ax_tokens) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
+    cmap = plt.get_cmap("tab10")
+    gammas = sorted({g for points in per_gamma.values() for g, _, _ in points})
+    for i, (name, points) in enumerate(per_gamma.items()):
+        points.sort()
+        g, speed, tokens = zip(*points)
+        style = dict(color=cmap(i % 10), marker="o", linewidth=1.6, linestyle="--" if "+EU" in name else "-")
+        ax.plot(g, speed, label=name, **style)
+        if all(t is not None for t in tokens):
+            ax_tokens.plot(g, tokens, **style)  # colours as in the left legend
+    ax.axhline(1.0, color="black", linewidth=1, label=f"{baseline} (1×)")
+    for j, (name, speed) in enumerate(flat.items()):
+        if name != baseline:
+            ax.axhline(speed, color=f"{0.3 + 0.25 * (j % 2)}", linestyle=(0, (1, 1.5 + j)), linewidth=1.2,
+                       label=f"{name}, γ = 0 ({speed:.2f}×)")
+    ax_tokens.plot(gammas, [g + 1 for g in gammas], color="0.5", linestyle=":", linewidth=1, label="γ + 1 (all accepted)")
+    for a in (ax, ax_tokens):
+        a.set_xscale("log", base=2)
+        a.set_xticks(gammas, [str(g) for g in gammas])
+        a.minorticks_off()
+        a.set_xlabel("γ (proposals a round, at most)")
+        a.grid(alpha=0.3)
+    ax.margins(y=0.08)
+    ax.set_ylabel(f"tokens/s ÷ {baseline}'s")
+    ax_tokens.set_ylabel("tokens per target forward")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax_tokens.legend(fontsize=8, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
     return _save(fig, path)

@@ -362,6 +362,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-assisted", action="store_true", help="skip transformers' assisted generation")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steady on a shared machine)")
     parser.add_argument("--json", type=Path, help="also write machine info, config and rows as JSON")
+    parser.add_argument("--plot", type=Path, help="also plot the speed and tokens per round against γ (PNG)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -392,6 +393,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{machine['cores']} cores, torch {machine['torch']} ({args.threads} thread(s)), transformers "
           f"{transformers.__version__}, load average {machine['loadavg_start']:.2f} → {machine['loadavg_end']:.2f}.\n")
     print(format_table(result))
+    if args.plot:
+        from .plots import speculative_speedup
+
+        print(f"\nplot: {speculative_speedup(args.plot, result['rows'], title=f'Speculative decoding: {args.target}')}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "versions": versions(), "target": args.target,
                                          "drafts": how, "dataset": dataset, **result}, indent=2, default=str))

@@ -52,3 +52,15 @@ def test_cost_quality_lists_points_it_cannot_place(tmp_path):
     _png(plots.cost_quality(tmp_path / "cq.png", points))
     with pytest.raises(ValueError, match="empty"):
         plots.cost_quality(tmp_path / "bad.png", {})
+
+
+def test_speculative_speedup(tmp_path):
+    rows = [{"variant": "hf", "gamma": 0, "speedup": 1.0}, {"variant": "plain+EU", "gamma": 0, "speedup": 0.6}]
+    for g in (1, 2, 4, 8):
+        rows += [{"variant": "spec", "gamma": g, "speedup": 0.9 + g / 40, "tokens_per_round": 1 + 0.7 * g},
+                 {"variant": "spec+EU", "gamma": g, "speedup": 0.85 + g / 50, "tokens_per_round": 1 + 0.7 * g},
+                 {"variant": "assisted", "gamma": g, "speedup": 0.7}]  # no tokens per round: speed only
+    rows.append({"variant": "spec τ=0.7", "gamma": 4, "speedup": float("nan"), "tokens_per_round": 3.0})
+    _png(plots.speculative_speedup(tmp_path / "spec.png", rows))
+    with pytest.raises(ValueError, match="no rows with γ > 0"):
+        plots.speculative_speedup(tmp_path / "bad.png", rows[:2])
