@@ -342,9 +342,10 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
     """Greedy decoding of a few held-out prompts: plain target decoding (HF ``generate`` and epikern's
     loop) against speculative decoding with the DDD drafts, EU off and on, per γ.
 
-    Returns the rows (``speedup`` over HF ``generate``; EU rows also ``speedup_vs_plain_eu``, over
-    plain decoding with EU, where the drafts run only to score) and the step costs in ms with the
-    round times they predict (:func:`speculative_bench.measure`'s ``steps``).
+    Timed at one torch thread, median of 5 (1 with ``--quick``). Returns the rows (``speedup`` over
+    HF ``generate``; EU rows also ``speedup_vs_plain_eu``, over plain decoding with EU, where the
+    drafts run only to score) and the step costs in ms with the round times they predict
+    (:func:`speculative_bench.measure`'s ``steps``).
     """
     from . import speculative_bench
 
@@ -357,9 +358,14 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
     for j in range(min(1 if cfg.quick else 2, b.sequences.shape[0])):
         real = b.attention_mask[j, : b.prompt_len].bool()
         prompts.append(b.sequences[j: j + 1, : b.prompt_len][:, real])
-    result = speculative_bench.measure(models.target, models.ddd, prompts, gammas=cfg.gammas,
-                                       new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 48),
-                                       repeats=1 if cfg.quick else 3, assisted=False, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `epikern bench speculative`: dispatch-bound decoding, a 2nd thread adds noise
+    try:
+        result = speculative_bench.measure(models.target, models.ddd, prompts, gammas=cfg.gammas,
+                                           new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 48),
+                                           repeats=1 if cfg.quick else 5, assisted=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     plain_eu = next(r["tokens_per_s"] for r in result["rows"] if r["variant"] == "plain+EU")
     rows = []
     for r in result["rows"]:

@@ -396,7 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         from .plots import speculative_speedup
 
-        print(f"\nplot: {speculative_speedup(args.plot, result['rows'], title=f'Speculative decoding: {args.target}')}")
+        title = (f"Speculative decoding: target {Path(args.target).name} ({L} layers), K = {c['num_drafts']} drafts, "
+                 f"greedy, batch 1")
+        print(f"\nplot: {speculative_speedup(args.plot, result['rows'], title=title)}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "versions": versions(), "target": args.target,
                                          "drafts": how, "dataset": dataset, **result}, indent=2, default=str))
