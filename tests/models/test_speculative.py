@@ -329,6 +329,10 @@ def test_smollm2_greedy_text_equals_generate(smollm2):
     assert tokenizer.decode(out.sequences[0, T0:]) == tokenizer.decode(hf[0, T0:])
     scored = cheap.score(hf[:, :-1])  # teacher forcing = plain decoding's EU (test_estimator)
     _assert_uncertainty_close(out.uncertainty, type(scored)(*(f[..., T0 - 1:] for f in scored)))
+    adaptive = cheap.generate(ids, max_new_tokens=32, speculative_tokens=4, confidence_threshold=0.5)
+    assert torch.equal(adaptive.sequences, hf)
+    assert min(adaptive.stats.proposed[:-1]) < 4 and adaptive.stats.draft_forwards < out.stats.draft_forwards
+    _assert_uncertainty_close(adaptive.uncertainty, out.uncertainty)
     # the target itself as one draft: every proposal is right and EU is 0
     exact = DraftEstimator(model, DraftEnsemble.from_models([model], shared_layers=model.config.num_hidden_layers))
     out = exact.generate(ids, max_new_tokens=32, speculative_tokens=4)
