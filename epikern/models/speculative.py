@@ -138,7 +138,8 @@ class DecodingStats:
     """
 
     speculative_tokens: int  #: γ
-    proposed: tuple[int, ...]  #: g per round: proposals verified (γ; less near max_new_tokens or after a confidence stop)
+    #: g per round: proposals verified (γ; fewer near max_new_tokens or after a confidence stop)
+    proposed: tuple[int, ...]
     accepted: tuple[int, ...]  #: proposals every row of the batch accepted, per round
     target_forwards: int  #: forwards of the target (= rounds)
     draft_forwards: int  #: batched steps of the DraftEnsemble (all K drafts at once)
