@@ -396,8 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.plot:
         from .plots import speculative_speedup
 
-        title = (f"Speculative decoding: target {Path(args.target).name} ({L} layers), K = {c['num_drafts']} drafts, "
-                 f"greedy, batch 1")
+        title = f"Speculative decoding: a {L}-layer target, K = {c['num_drafts']} drafts, greedy, batch 1"
         print(f"\nplot: {speculative_speedup(args.plot, result['rows'], title=title)}")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "versions": versions(), "target": args.target,

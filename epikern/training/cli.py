@@ -49,6 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     target = recipes.add_parser("target", help="the tiny target on the synthetic task, and its responses")
     _common(target)
+    target.add_argument("--layers", type=int, help="decoder layers of the tiny target (default 3)")
 
     drafts = recipes.add_parser("drafts", help="K = A·B drafts distilled from the target (DDD, IDD, OSD)")
     _common(drafts)
@@ -117,6 +118,10 @@ def recipe_from_args(args: argparse.Namespace):
         overrides["target"] = args.target
     if args.recipe == "drafts":
         overrides.update(partitions=args.ddd[0], drafts_per_partition=args.ddd[1], idd=args.idd, osd=args.osd)
+    if getattr(args, "layers", None) is not None:
+        if args.layers < 1:
+            raise ValueError(f"--layers must be >= 1, got {args.layers}")
+        overrides["model"] = dataclasses.replace(base.model, num_layers=args.layers)
     train = {field: getattr(args, dest) for dest, field in _TRAIN_FIELDS.items() if getattr(args, dest) is not None}
     if train:
         steps = train.get("steps", base.train.steps)

@@ -42,6 +42,10 @@ def test_presets_and_overrides():
     assert recipe.train.lr == presets.drafts(quick=True).train.lr
     quick, default = presets.target(True), presets.target(False)
     assert quick.model == default.model and quick.train.steps < default.train.steps
+    deep = recipe_from_args(build_parser().parse_args(["train", "target", "--out", "o", "--layers", "6"]))
+    assert deep.model.num_layers == 6 and deep.model.hidden_size == default.model.hidden_size
+    with pytest.raises(ValueError, match="--layers must be >= 1, got 0"):
+        recipe_from_args(build_parser().parse_args(["train", "target", "--out", "o", "--layers", "0"]))
 
 
 def test_drafts_command_runs_then_refuses_a_different_resume(micro_target, tmp_path, capsys):
