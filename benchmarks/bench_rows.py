@@ -12,28 +12,16 @@ near 1; where they grow like m, a verification costs m steps and speculative dec
 
 import argparse
 import os
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
+from epikern.eval.cost import median_latency
 from epikern.eval.report import machine_info
 from epikern.models.layers import in_major
 
 SHAPES = {"q/k/v 576→960": (960, 576), "MLP up 576→1536": (1536, 576), "MLP down 1536→576": (576, 1536),
           "LM head 576→49152": (49152, 576)}
-
-
-def median_ms(fn, repeats: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def main() -> None:
@@ -52,7 +40,7 @@ def main() -> None:
     for name, (out, inp) in SHAPES.items():
         weight = torch.randn(out, inp, generator=gen)
         for layout, w in (("[out, in]", weight), ("in-major", in_major(weight))):
-            ms = [median_ms(lambda x=torch.randn(m, inp, generator=gen): F.linear(x, w), args.repeats)
+            ms = [1e3 * median_latency(lambda x=torch.randn(m, inp, generator=gen): F.linear(x, w), args.repeats, 3)
                   for m in args.rows]
             cells = [f"{t:.3f} ms ({t / ms[0]:.1f}×)" for t in ms]
             print(f"| {name} | {layout} | " + " | ".join(cells) + " |")

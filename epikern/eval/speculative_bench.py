@@ -234,12 +234,11 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
             over_prompts(f"spec γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, with_uncertainty=False, **kw)),
             over_prompts(f"spec+EU γ={g}", lambda p, kw=kw: est.generate(p, proposal=proposal, **kw)),
             over_prompts(f"spec K=1 γ={g}", lambda p, kw=kw: one.generate(p, with_uncertainty=False, **kw))])
-        for tau in confidence if g > 1 else ():  # (one proposal a round cannot stop earlier)
-            if tau:
-                kw_tau = dict(kw, proposal=proposal, confidence_threshold=tau)
-                variants.update([
-                    over_prompts(f"spec τ={tau} γ={g}", lambda p, kw=kw_tau: est.generate(p, with_uncertainty=False, **kw)),
-                    over_prompts(f"spec+EU τ={tau} γ={g}", lambda p, kw=kw_tau: est.generate(p, **kw))])
+        for tau in [t for t in confidence if t and g > 1]:  # (one proposal a round cannot stop earlier)
+            kw_tau = dict(kw, proposal=proposal, confidence_threshold=tau)
+            variants.update([
+                over_prompts(f"spec τ={tau} γ={g}", lambda p, kw=kw_tau: est.generate(p, with_uncertainty=False, **kw)),
+                over_prompts(f"spec+EU τ={tau} γ={g}", lambda p, kw=kw_tau: est.generate(p, **kw))])
         if assistant is not None:
             variants.update([over_prompts(f"assisted γ={g}", lambda p, g=g: _assisted(target, assistant, p, g, new_tokens))])
     steps = step_runners(target, drafts, prompts[0], gammas)  # timed in the same rounds as the decoders
