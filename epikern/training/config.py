@@ -91,13 +91,15 @@ class TrainConfig:
 class TinyModelConfig:
     """The tiny Llama-style target (``transformers.LlamaConfig``; the vocabulary is the tokenizer's).
 
-    The default (0.31 M parameters) reaches about 40 % held-out accuracy on the default task in 400
-    steps; a smaller model or fewer steps stays near 0 (the copying of operands is learnt late).
+    The default (6 layers, 0.63 M parameters) reaches about 50 % held-out accuracy on the default
+    task in 400 steps (3 layers: 0.31 M, about 43 %); a narrower model or fewer steps stays near 0
+    (the copying of operands is learnt late). Six layers so that the 2-layer drafts cost a third of
+    a target step, the regime where speculative decoding pays (with 3 they cost 0.55×).
     """
 
     hidden_size: int = 96
     intermediate_size: int = 256
-    num_layers: int = 3
+    num_layers: int = 6
     num_heads: int = 4
     num_kv_heads: int = 2
     max_position_embeddings: int = 256

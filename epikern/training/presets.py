@@ -1,9 +1,11 @@
 """The default and ``--quick`` recipes of the tiny pipeline (sized for a 2-core laptop CPU).
 
 The defaults are the recipe dataclasses' own defaults (:mod:`epikern.training.config`); ``--quick``
-keeps every architecture and shrinks steps, examples and responses (the quick target takes a larger
-learning rate to get anywhere in half the steps: about 10 % held-out accuracy against about 40 % by
-default), so the quick models are the same kind of models, trained less.
+shrinks steps, examples and responses and keeps every architecture but the target's depth: a
+3-layer target instead of 6, with a larger learning rate to get anywhere in half the steps (about
+10 % held-out accuracy; 6 layers trained as briefly reached 3.5 %, with drafts that accepted 0.41 of
+their proposals at γ = 2, in 7 minutes instead of 2.5). ``--quick`` exists to exercise every stage
+in CI, not to measure.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ def target(quick: bool = False) -> TargetRecipe:
     base = TargetRecipe()
     if not quick:
         return base
-    return dataclasses.replace(base, train_problems=6000, heldout_problems=200, response_prompts=96,
+    return dataclasses.replace(base, model=dataclasses.replace(base.model, num_layers=3), train_problems=6000,
+                               heldout_problems=200, response_prompts=96,
                                train=dataclasses.replace(base.train, steps=200, batch_size=24, lr=8e-3, warmup_steps=15))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 
@@ -41,9 +42,12 @@ def test_presets_and_overrides():
     assert recipe.train.steps == 5 and recipe.train.warmup_steps <= 5
     assert recipe.train.lr == presets.drafts(quick=True).train.lr
     quick, default = presets.target(True), presets.target(False)
-    assert quick.model == default.model and quick.train.steps < default.train.steps
-    deep = recipe_from_args(build_parser().parse_args(["train", "target", "--out", "o", "--layers", "6"]))
-    assert deep.model.num_layers == 6 and deep.model.hidden_size == default.model.hidden_size
+    assert (quick.model.num_layers, default.model.num_layers) == (3, 6) and quick.train.steps < default.train.steps
+    assert quick.model == dataclasses.replace(default.model, num_layers=3)
+    deep = recipe_from_args(build_parser().parse_args(["train", "target", "--out", "o", "--layers", "8"]))
+    assert deep.model.num_layers == 8 and deep.model.hidden_size == default.model.hidden_size
+    shallow = recipe_from_args(build_parser().parse_args(["train", "target", "--out", "o", "--layers", "6", "--quick"]))
+    assert shallow.model.num_layers == 6 and shallow.train.steps == quick.train.steps
     with pytest.raises(ValueError, match="--layers must be >= 1, got 0"):
         recipe_from_args(build_parser().parse_args(["train", "target", "--out", "o", "--layers", "0"]))
 
