@@ -206,7 +206,7 @@ class ProxyRecipe:
     osd_members: int = 2
     sigma: float = 0.1
     rank: int = 8
-    train: TrainConfig = TrainConfig(steps=40, batch_size=16, lr=3e-4, warmup_steps=4, checkpoint_every=20)
+    train: TrainConfig = TrainConfig(steps=40, batch_size=16, lr=1e-4, warmup_steps=4, checkpoint_every=20)
 
 
 def to_dict(config) -> dict:
