@@ -16,6 +16,7 @@ matplotlib.use("Agg", force=False)  # headless; a backend the caller already cho
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 
 __all__ = ["eu_traces", "roc_curves", "cost_quality", "speculative_speedup"]
@@ -127,15 +128,17 @@ def roc_curves(path, curves: Mapping[str, tuple], title: str = "Hallucination de
     return _save(fig, path)
 
 
-def _place_labels(fig: Figure, texts) -> None:
-    """Nudge point labels upwards until no two overlap (text boxes in display space, leader
-    lines not included)."""
+def _place_labels(fig: Figure, texts, marker_radius_pt: float = 4.5) -> None:
+    """Nudge point labels upwards until none overlaps another label or any labelled point's marker
+    (boxes in display space; leader lines not included; markers as squares of ``marker_radius_pt``)."""
     renderer = fig.canvas.get_renderer()
 
     def box(t):  # the text alone: an Annotation's own extent includes its leader line
         return Text.get_window_extent(t, renderer)
 
-    placed = []
+    r = marker_radius_pt * fig.dpi / 72
+    anchors = (t.axes.transData.transform(t.xy) for t in texts)
+    placed = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in anchors]
     for text in sorted(texts, key=lambda t: t.xy[1]):
         for _ in range(len(texts)):
             mine = box(text).expanded(1.02, 1.1)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import matplotlib.pyplot as plt
 from matplotlib import image as mpimg
+from matplotlib.text import Text
 
 from epikern.eval import metrics, plots
 
@@ -52,6 +54,29 @@ def test_cost_quality_lists_points_it_cannot_place(tmp_path):
     _png(plots.cost_quality(tmp_path / "cq.png", points))
     with pytest.raises(ValueError, match="empty"):
         plots.cost_quality(tmp_path / "bad.png", {})
+
+
+def test_labels_clear_every_marker_and_each_other():
+    # the 6-layer End-to-end plane: single_draft's label used to run through drafts_ddd's marker
+    points = {"drafts_ddd": (2.89e6, 0.710), "drafts_ddd_osd": (4.42e6, 0.708), "drafts_idd": (2.89e6, 0.685),
+              "single_draft": (2.07e6, 0.689), "tokur": (1.54e7, 0.637), "entropy": (1.54e6, 0.732),
+              "maxprob": (1.54e6, 0.752), "loglik": (1.54e6, 0.748)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=130)
+    ax.set_xscale("log")
+    ax.set_xlim(7e5, 9e7)
+    ax.set_ylim(0.45, 0.83)
+    texts = [ax.annotate(f"{name} (0.19× tokur)", xy, xytext=(8, 5), textcoords="offset points", fontsize=8.5)
+             for name, xy in points.items()]
+    fig.draw_without_rendering()
+    plots._place_labels(fig, texts)
+    renderer = fig.canvas.get_renderer()
+    boxes = [Text.get_window_extent(t, renderer) for t in texts]
+    r = 4.5 * fig.dpi / 72
+    markers = [ax.transData.transform(xy) for xy in points.values()]
+    for i, b in enumerate(boxes):
+        assert not any(b.overlaps(o) for j, o in enumerate(boxes) if j != i)
+        assert not any(b.x0 < x + r and x - r < b.x1 and b.y0 < y + r and y - r < b.y1 for x, y in markers)
+    plt.close(fig)
 
 
 def test_speculative_speedup(tmp_path):
