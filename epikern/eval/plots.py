@@ -16,8 +16,8 @@ matplotlib.use("Agg", force=False)  # headless; a backend the caller already cho
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.transforms import Bbox  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 __all__ = ["eu_traces", "roc_curves", "cost_quality", "speculative_speedup"]
 
