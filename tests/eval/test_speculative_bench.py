@@ -66,3 +66,27 @@ def test_measure_reports_every_variant(target):
     assert table.count("\n| spec") == 5 and "EU share" in table
     adaptive = next(r for r in out["rows"] if r["variant"] == "spec τ=0.7")
     assert adaptive["gamma"] == 2 and adaptive["draft_forwards"] <= spec["draft_forwards"]
+    # the cost of the drafts that ran: all K (3 of 5 layers each, a shared one) or draft 0 alone
+    one = next(r for r in out["rows"] if r["variant"] == "spec K=1")
+    assert 0 < one["draft_flops_vs_target"] < spec["draft_flops_vs_target"] == adaptive["draft_flops_vs_target"]
+    assert all(("spec7" in r) == r["variant"].startswith("spec") for r in out["rows"])
+    assert "SPEC §7" in table and "rows inside the condition" in table
+
+
+def test_spec7_verdict_reads_cost_acceptance_and_speed():
+    row = {"draft_flops_vs_target": 0.4, "tokens_per_round": 2.5, "tokens_per_s": 110.0}
+    assert sb.spec7_verdict(row, plain_tokens_per_s=100.0) == "met"
+    assert sb.spec7_verdict(row, plain_tokens_per_s=120.0) == "not met"
+    assert sb.spec7_verdict({**row, "tokens_per_round": 1.9}, 120.0) == "outside: < 2 tokens/round"
+    assert sb.spec7_verdict({**row, "draft_flops_vs_target": 1.0}, 120.0) == "outside: drafts not cheaper"
+
+
+def test_the_target_as_its_own_draft_is_not_cheaper(target):
+    """The self-draft runs the target's weights: FLOPs ratio 1, whatever its step's wall time."""
+    drafts = sb.DraftEnsemble.from_models([target], target.config.num_hidden_layers)
+    prompt = torch.randint(0, target.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+    out = sb.measure(target, drafts, [prompt], gammas=(2,), new_tokens=6, repeats=1, assisted=False,
+                     confidence=(0,), progress=False)
+    spec = [r for r in out["rows"] if r["variant"].startswith("spec")]
+    assert all(r["draft_flops_vs_target"] == pytest.approx(1.0) for r in spec)
+    assert all(r["acceptance"] == 1.0 and r["spec7"] == "outside: drafts not cheaper" for r in spec)
