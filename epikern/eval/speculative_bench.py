@@ -269,7 +269,7 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
         if row["variant"].split(" τ=")[0] in draft_cost:  # the drafts that ran, analytic FLOPs a token
             row["draft_flops_vs_target"] = draft_cost[row["variant"].split(" τ=")[0]]
         rows.append(row)
-    plain = max(r["tokens_per_s"] for r in rows if r["variant"] in ("hf", "plain"))
+    plain = plain_tokens_per_s(rows)
     for row in rows:
         if "draft_flops_vs_target" in row:
             row["spec7"] = spec7_verdict(row, plain)
@@ -283,10 +283,13 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
                        "vocab": drafts.vocab_size}}
 
 
-def spec7_verdict(row: dict, plain_tokens_per_s: float) -> str:
+def spec7_verdict(row: dict, plain_tokens_per_s: float, accepted_per_round: int = 2) -> str:
     """SPEC §7's speed target for one speculative row: tokens/s ≥ plain target decoding wherever the
     drafts are cheaper than the target and accept ≥ 2 tokens per round.
 
+    "Accept ≥ 2 tokens per round" is read literally: at least ``accepted_per_round`` of the drafts'
+    proposals accepted a round on average (``tokens_per_round − 1``: the round's last token is the
+    target's own); ``accepted_per_round=1`` is the loose reading, ≥ 2 tokens a target forward.
     "Cheaper" is the project's cost metric, analytic FLOPs a token (``row["draft_flops_vs_target"]``:
     all drafts that ran ÷ the target, at the mean decode context): a step's wall time also measures
     the implementation (epikern's stacked step dispatches less than an HF module), so the target
@@ -297,9 +300,14 @@ def spec7_verdict(row: dict, plain_tokens_per_s: float) -> str:
     """
     if row["draft_flops_vs_target"] >= 1:
         return "outside: drafts not cheaper"
-    if row["tokens_per_round"] < 2:
-        return "outside: < 2 tokens/round"
+    if row["tokens_per_round"] - 1 < accepted_per_round:
+        return f"outside: < {accepted_per_round} accepted/round"
     return "met" if row["tokens_per_s"] >= plain_tokens_per_s else "not met"
+
+
+def plain_tokens_per_s(rows: Sequence[dict]) -> float:
+    """Plain target decoding's speed in a run: the faster of ``hf`` and ``plain``."""
+    return max(r["tokens_per_s"] for r in rows if r["variant"] in ("hf", "plain"))
 
 
 def _assisted(target: nn.Module, assistant: nn.Module, prompt: torch.Tensor, gamma: int, new_tokens: int):
@@ -347,10 +355,14 @@ def format_table(result: dict) -> str:
         verdict = {"not met": "**not met**"}.get(r.get("spec7"), r.get("spec7", "–"))
         lines.append(f"| {r['variant']} | {r['gamma'] or '–'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acc} | "
                      f"{' | '.join(extra)} | {cost} | {verdict} | {'yes' if r['same_tokens'] else '**no**'} |")
-    inside = [r["spec7"] for r in result["rows"] if r.get("spec7") in ("met", "not met")]
-    lines += ["", f"SPEC §7 (tokens/s ≥ plain target decoding, the faster of hf and plain, wherever the drafts "
-              f"cost less than the target in FLOPs a token and emit ≥ 2 tokens a round): {len(inside)} rows "
-              f"inside the condition, {inside.count('met')} met, {inside.count('not met')} not met."]
+    plain, spec = plain_tokens_per_s(result["rows"]), [r for r in result["rows"] if "spec7" in r]
+    counts = []
+    for accepted in (2, 1):
+        inside = [v for v in (spec7_verdict(r, plain, accepted) for r in spec) if v in ("met", "not met")]
+        counts.append(f"{len(inside)} rows inside, {inside.count('met')} met, {inside.count('not met')} not met")
+    lines += ["", "SPEC §7 (tokens/s ≥ plain target decoding, the faster of hf and plain, wherever the drafts cost "
+              f"less than the target in FLOPs a token and accept ≥ 2 proposals a round): {counts[0]}; read as "
+              f"≥ 2 tokens a target forward (the target's own token counted): {counts[1]}."]
     lines += ["", "| γ | EU share of a round (with − without EU) | one EU call ÷ round | round ms (EU on) | EU call ms |",
               "|---|---|---|---|---|"]
     for g, e in result["eu"].items():

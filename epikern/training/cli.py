@@ -49,7 +49,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     target = recipes.add_parser("target", help="the tiny target on the synthetic task, and its responses")
     _common(target)
-    target.add_argument("--layers", type=int, help="decoder layers of the tiny target (default 3)")
+    target.add_argument("--layers", type=int, help="decoder layers of the tiny target (default 6; --quick: 3)")
 
     drafts = recipes.add_parser("drafts", help="K = A·B drafts distilled from the target (DDD, IDD, OSD)")
     _common(drafts)

@@ -70,15 +70,19 @@ def test_measure_reports_every_variant(target):
     one = next(r for r in out["rows"] if r["variant"] == "spec K=1")
     assert 0 < one["draft_flops_vs_target"] < spec["draft_flops_vs_target"] == adaptive["draft_flops_vs_target"]
     assert all(("spec7" in r) == r["variant"].startswith("spec") for r in out["rows"])
-    assert "SPEC §7" in table and "rows inside the condition" in table
+    assert "SPEC §7" in table and "rows inside" in table and "a target forward" in table
 
 
 def test_spec7_verdict_reads_cost_acceptance_and_speed():
-    row = {"draft_flops_vs_target": 0.4, "tokens_per_round": 2.5, "tokens_per_s": 110.0}
+    row = {"draft_flops_vs_target": 0.4, "tokens_per_round": 3.5, "tokens_per_s": 110.0}
     assert sb.spec7_verdict(row, plain_tokens_per_s=100.0) == "met"
     assert sb.spec7_verdict(row, plain_tokens_per_s=120.0) == "not met"
-    assert sb.spec7_verdict({**row, "tokens_per_round": 1.9}, 120.0) == "outside: < 2 tokens/round"
+    # 2.5 tokens a forward: 1.5 accepted proposals, outside the literal reading, inside the loose one
+    assert sb.spec7_verdict({**row, "tokens_per_round": 2.5}, 120.0) == "outside: < 2 accepted/round"
+    assert sb.spec7_verdict({**row, "tokens_per_round": 2.5}, 120.0, accepted_per_round=1) == "not met"
     assert sb.spec7_verdict({**row, "draft_flops_vs_target": 1.0}, 120.0) == "outside: drafts not cheaper"
+    assert sb.plain_tokens_per_s([{"variant": "hf", "tokens_per_s": 90.0}, {"variant": "plain", "tokens_per_s": 95.0},
+                                  {"variant": "spec", "tokens_per_s": 200.0}]) == 95.0
 
 
 def test_the_target_as_its_own_draft_is_not_cheaper(target):
