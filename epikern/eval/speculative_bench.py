@@ -53,7 +53,7 @@ from transformers import DynamicCache
 
 import epikern as ek
 from ..models import DraftEnsemble, DraftEstimator
-from ..models.estimator import hf_cache_keyword
+from ..models.estimator import hf_cache_keyword, lm_logits
 from ..models.layers import LINEARS, NORMS
 from ..models.loading import load_causal_lm
 from .cost import draft_ensemble_flops_per_token, lm_flops_per_token, mean_decode_context
@@ -180,10 +180,9 @@ def step_runners(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor,
     drafts(prompt, None, draft_cache)
     T = prompt.shape[1]
 
-    def target_step(n):
+    def target_step(n):  # through lm_logits, as the decoding loop runs the target
         ids, positions, mask = prompt[:, -n:], torch.arange(T, T + n)[None], torch.ones(1, T + n, dtype=torch.long)
-        return lambda: (target(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                               logits_to_keep=n, **{keyword: cache}), cache.crop(-n))
+        return lambda: (lm_logits(target, ids, mask, positions, cache, n), cache.crop(-n))
 
     def draft_step(n):
         ids, positions = prompt[:, -n:], torch.arange(T, T + n)[None]
