@@ -420,7 +420,8 @@ def builds_plain_causal_mask(config) -> bool:
     """Whether HF gives every layer of this model the plain causal ∧ padding boolean mask: SDPA
     attention, a Llama-family type, and no sliding-window layer (``layer_types``, else
     ``sliding_window``)."""
-    if getattr(config, "_attn_implementation", None) != "sdpa" or getattr(config, "model_type", None) not in _PLAIN_MASK_TYPES:
+    if getattr(config, "_attn_implementation", None) != "sdpa" \
+            or getattr(config, "model_type", None) not in _PLAIN_MASK_TYPES:
         return False
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None:
