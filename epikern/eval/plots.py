@@ -128,9 +128,16 @@ def roc_curves(path, curves: Mapping[str, tuple], title: str = "Hallucination de
     return _save(fig, path)
 
 
-def _place_labels(fig: Figure, texts, marker_radius_pt: float = 4.5) -> None:
-    """Nudge point labels upwards until none overlaps another label or any labelled point's marker
-    (boxes in display space; leader lines not included; markers as squares of ``marker_radius_pt``)."""
+def _place_labels(fig: Figure, texts, marker_radius_pt: float = 4.5, obstacles=()) -> None:
+    """Move each point label (an offset-points ``Annotation``) to the nearest free spot: inside its
+    axes, clear of every labelled point's marker, of the labels placed before it and of
+    ``obstacles`` (other texts, e.g. a corner note). Boxes in display space; leader lines not
+    included; markers as squares of ``marker_radius_pt``.
+
+    Candidates are the label's own offset shifted up or down by up to 120 points, then also further
+    right, nearest first; labels are placed from the lowest point up. A label with no free spot
+    keeps the candidate that overlaps least.
+    """
     renderer = fig.canvas.get_renderer()
 
     def box(t):  # the text alone: an Annotation's own extent includes its leader line
@@ -139,14 +146,25 @@ def _place_labels(fig: Figure, texts, marker_radius_pt: float = 4.5) -> None:
     r = marker_radius_pt * fig.dpi / 72
     anchors = (t.axes.transData.transform(t.xy) for t in texts)
     placed = [Bbox.from_extents(x - r, y - r, x + r, y + r) for x, y in anchors]
+    placed += [box(o) for o in obstacles]
+    shifts = sorted(((dx, dy) for dx in (0, 40, 80) for dy in range(-120, 121, 3)),
+                    key=lambda s: (abs(s[1]) + s[0], s[1] < 0))
     for text in sorted(texts, key=lambda t: t.xy[1]):
-        for _ in range(len(texts)):
-            mine = box(text).expanded(1.02, 1.1)
-            clash = next((b for b in placed if mine.overlaps(b)), None)
-            if clash is None:
+        area = text.axes.get_window_extent(renderer)
+        x0, y0 = text.get_position()
+        best, fewest = (x0, y0), None
+        for dx, dy in shifts:
+            text.set_position((x0 + dx, y0 + dy))
+            mine = box(text)
+            outside = mine.x0 < area.x0 or mine.x1 > area.x1 or mine.y0 < area.y0 or mine.y1 > area.y1
+            clashes = sum(mine.expanded(1.02, 1.1).overlaps(b) for b in placed) + 2 * outside
+            if clashes == 0:
+                best = None
                 break
-            dx, dy = text.get_position()
-            text.set_position((dx, dy + (clash.y1 - mine.y0) * 72 / fig.dpi + 1))
+            if fewest is None or clashes < fewest:
+                best, fewest = (x0 + dx, y0 + dy), clashes
+        if best is not None:
+            text.set_position(best)
         placed.append(box(text))
 
 
@@ -195,10 +213,11 @@ def cost_quality(path, points: Mapping[str, tuple], title: str = "Cost vs qualit
         aucs = [a for _, a in good.values()]
         ax.set_ylim(min(0.45, min(aucs) - 0.03), min(1.0, max(aucs) + 0.06) + 0.02)
     ax.axhline(0.5, color="0.5", linestyle=":", linewidth=1)
-    ax.text(0.01, 0.99, "↖ cheaper and more accurate", transform=ax.transAxes, ha="left", va="top",
-            fontsize=8, color="0.4")
-    ax.text(1.0, 0.5, "chance ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
-            fontsize=8, color="0.4")
+    # bottom left, where no estimator worth plotting lies, leaving the top to the point labels
+    note = ax.text(0.01, 0.01, "↖ cheaper and more accurate", transform=ax.transAxes, ha="left", va="bottom",
+                   fontsize=8, color="0.4")
+    chance = ax.text(1.0, 0.5, "chance ", transform=ax.get_yaxis_transform(), ha="right", va="bottom",
+                     fontsize=8, color="0.4")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -207,7 +226,7 @@ def cost_quality(path, points: Mapping[str, tuple], title: str = "Cost vs qualit
         ax.text(0.0, -0.14, "not plotted (no FLOP count or AUROC): " + ", ".join(missing),
                 transform=ax.transAxes, fontsize=8, color="0.3", va="top")
     fig.draw_without_rendering()  # text extents for the label placement
-    _place_labels(fig, texts)
+    _place_labels(fig, texts, obstacles=[note, chance])
     return _save(fig, path)
 
 
