@@ -265,8 +265,9 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
             row.update(acceptance=sum(sum(st.accepted) for st in stats) / proposed if proposed else None,
                        tokens_per_round=total / rounds, rounds=rounds,
                        draft_forwards=sum(st.draft_forwards for st in stats), round_ms=1e3 * s / rounds)
-        if row["variant"].split(" τ=")[0] in draft_cost:  # the drafts that ran, analytic FLOPs a token
-            row["draft_flops_vs_target"] = draft_cost[row["variant"].split(" τ=")[0]]
+        cost = draft_cost.get(row["variant"].split(" τ=")[0])  # the drafts that ran, analytic FLOPs a token
+        if cost is not None:
+            row["draft_flops_vs_target"] = cost
         rows.append(row)
     plain = plain_tokens_per_s(rows)
     for row in rows:
