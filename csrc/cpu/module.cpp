@@ -2,6 +2,7 @@
 #include <pybind11/pybind11.h>
 
 namespace epikern::cpu {
+void bind_decoder_step(pybind11::module_& m);
 void bind_draft_uncertainty(pybind11::module_& m);
 void bind_forward_kl(pybind11::module_& m);
 void bind_microbench(pybind11::module_& m);
@@ -10,6 +11,7 @@ void bind_test_hooks(pybind11::module_& m);
 
 PYBIND11_MODULE(_cpu, m) {
   m.doc() = "epikern fused CPU kernels (OpenMP over rows, vectorised inner loops)";
+  epikern::cpu::bind_decoder_step(m);
   epikern::cpu::bind_draft_uncertainty(m);
   epikern::cpu::bind_forward_kl(m);
   epikern::cpu::bind_microbench(m);

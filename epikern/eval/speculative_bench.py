@@ -175,18 +175,20 @@ def step_runners(target: nn.Module, drafts: DraftEnsemble, prompt: torch.Tensor,
     accepted round)."""
     cache = DynamicCache(config=target.config)
     keyword = hf_cache_keyword(type(target))
-    target(input_ids=prompt, use_cache=True, **{keyword: cache})
     draft_cache = drafts.new_cache(1)
-    drafts(prompt, None, draft_cache)
+    with torch.no_grad():
+        target(input_ids=prompt, use_cache=True, **{keyword: cache})
+        drafts(prompt, None, draft_cache)
     T = prompt.shape[1]
 
     def target_step(n):  # through lm_logits, as the decoding loop runs the target
         ids, positions, mask = prompt[:, -n:], torch.arange(T, T + n)[None], torch.ones(1, T + n, dtype=torch.long)
-        return lambda: (lm_logits(target, ids, mask, positions, cache, n), cache.crop(-n))
+        return torch.no_grad()(lambda: (lm_logits(target, ids, mask, positions, cache, n), cache.crop(-n)))
 
     def draft_step(n):
         ids, positions = prompt[:, -n:], torch.arange(T, T + n)[None]
-        return lambda: (drafts(ids, None, draft_cache, position_ids=positions, logits_to_keep=n), draft_cache.crop(-n))
+        return torch.no_grad()(  # as DraftEstimator.generate runs the steps
+            lambda: (drafts(ids, None, draft_cache, position_ids=positions, logits_to_keep=n), draft_cache.crop(-n)))
 
     fns = {"target_1": target_step(1), "draft_1": draft_step(1), "draft_2": draft_step(2)}
     fns.update({f"target_{g + 1}": target_step(g + 1) for g in gammas})

@@ -44,6 +44,18 @@ class StackedKVLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[..., :n + new, :], self._value_buffer[..., :n + new, :]
         return self.keys, self.values
 
+    def extend(self, new: int) -> tuple[Tensor, Tensor]:
+        """Grow the live keys/values of a non-empty layer by ``new`` positions, left for the caller to
+        write (the fused decode step, :mod:`epikern.models.fused_step`), and return the buffers
+        ``[G, B, kv_heads, capacity, head_dim]`` behind them (contiguous)."""
+        n = self.get_seq_length()
+        if n == 0:
+            raise ValueError("extend needs a layer that already holds keys and values")
+        if not self._writable(self.keys, n + new):
+            self._grow(self.keys, self.values, n + new)
+        self.keys, self.values = self._key_buffer[..., :n + new, :], self._value_buffer[..., :n + new, :]
+        return self._key_buffer, self._value_buffer
+
     def _writable(self, key_states: Tensor, length: int) -> bool:
         """Whether ``keys``/``values`` are still the prefix of the buffers and ``length`` tokens fit."""
         buffer = getattr(self, "_key_buffer", None)

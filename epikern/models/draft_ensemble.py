@@ -28,7 +28,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from .cache import DraftCache
 from .layers import LINEARS, NORMS, StackedDecoderLayer, grouped_linear, in_major, rms_norm, rotary_tables
-from .masks import causal_mask, position_ids_from_mask
+from .fused_step import fusable, fused_forward
+from .masks import causal_mask, check_mask_shape, position_ids_from_mask
 
 CONFIG_NAME = "draft_ensemble.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -76,6 +77,10 @@ class DraftEnsemble(nn.Module):
         nn.init.normal_(self.embed_tokens.weight, 0.0, getattr(config, "initializer_range", 0.02))
         self.rotary_emb = _rotary_class(config)(config=config).to(device)
         self._rotary_table: Optional[tuple[Tensor, Tensor]] = None  # see _rotary
+        #: run decode steps as one fused CPU call where :func:`~epikern.models.fused_step.fusable`
+        #: allows (False: always the PyTorch path, the reference)
+        self.fused_decode = True
+        self._fused_dims: Optional[tuple] = None  # fused_step's layout check, done once; _apply resets it
         self.layers = nn.ModuleList(
             StackedDecoderLayer(config, 1 if l < shared_layers else num_drafts, biases, dtype=dtype, device=device)
             for l in range(L)
@@ -277,12 +282,15 @@ class DraftEnsemble(nn.Module):
         if cache is not None:
             self._check_cache(cache, B)
             past = cache.get_seq_length()
-        mask, is_causal = causal_mask(attention_mask, B, T, past, self.sliding_window, input_ids.device)
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = position_ids_from_mask(attention_mask, T)
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
+        if fusable(self, input_ids, cache, past):
+            check_mask_shape(attention_mask, B, past + T, T)
+            return fused_forward(self, input_ids, attention_mask, cache, past, position_ids, logits_to_keep)
+        mask, is_causal = causal_mask(attention_mask, B, T, past, self.sliding_window, input_ids.device)
         h = self.embed_tokens(input_ids).unsqueeze(0)
         cos, sin = rotary_tables(*self._rotary(h[0], position_ids, past + T))
         for l, layer in enumerate(self.layers):
@@ -307,13 +315,24 @@ class DraftEnsemble(nn.Module):
         rope_type = getattr(self.rotary_emb, "rope_type", None)
         if not isinstance(rope_type, str) or "dynamic" in rope_type or rope_type == "longrope":
             return self.rotary_emb(x, position_ids)
+        cos, sin = self._rotary_table_for(x.dtype, x.device, length)
+        return cos[position_ids], sin[position_ids]
+
+    def _rotary_table_for(self, dtype: torch.dtype, device, length: int) -> tuple[Tensor, Tensor]:
+        """The static RoPE's ``cos, sin [P, head_dim]`` for positions ``0 .. P − 1``, P ≥ ``length``
+        (built once, regrown ×2 when a longer sequence comes)."""
         table = self._rotary_table
-        if table is None or table[0].shape[0] < length or table[0].dtype != x.dtype or table[0].device != x.device:
+        if table is None or table[0].shape[0] < length or table[0].dtype != dtype or table[0].device != device:
             size = max(length, 2 * (0 if table is None else table[0].shape[0]),
                        getattr(self.config, "max_position_embeddings", None) or 0)
-            cos, sin = self.rotary_emb(x[:1], torch.arange(size, device=x.device)[None])
+            x = torch.zeros(1, 1, device=device, dtype=dtype)  # HF's rotary reads only its dtype and device
+            cos, sin = self.rotary_emb(x, torch.arange(size, device=device)[None])
             self._rotary_table = table = (cos[0], sin[0])
-        return table[0][position_ids], table[1][position_ids]
+        return table
+
+    def _apply(self, fn, recurse=True):
+        self._fused_dims = None  # .to(dtype) / .to(device) may change what fused_step accepts
+        return super()._apply(fn, recurse)
 
     def _check_cache(self, cache: DraftCache, batch_size: int) -> None:
         if not isinstance(cache, DraftCache):

@@ -207,12 +207,12 @@ class DraftEstimator:
                     cache.activate_past_recording()
         # proposals come from the vocabulary the drafts and the target share
         vocab = min(self.drafts.vocab_size, model_vocab_size(self.target))
-        log_weights = None if draft is not None else \
-            uniform_or_checked_weights(self.weights, K, device).log()
+        mixture_weights = None if draft is not None else \
+            uniform_or_checked_weights(self.weights, K, device)
         sampling_temperature = temperature if do_sample else 1.0
 
         def proposer(draft_logits: Tensor) -> Tensor:  # [K, B, V] -> proposal distribution [B, vocab]
-            return proposal_probs(draft_logits[..., :vocab], log_weights, draft, sampling_temperature)
+            return proposal_probs(draft_logits[..., :vocab], mixture_weights, draft, sampling_temperature)
 
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         # ``pending``: tokens the target has not consumed (the prompt, then the last emitted token);

@@ -24,6 +24,15 @@ def position_ids_from_mask(attention_mask: Tensor, query_length: int) -> Tensor:
     return positions.masked_fill(attention_mask == 0, 0)[:, -query_length:]
 
 
+def check_mask_shape(attention_mask: Optional[Tensor], batch_size: int, kv_length: int, query_length: int) -> None:
+    """Raise unless ``attention_mask`` is None or ``[batch, past + new tokens]``."""
+    if attention_mask is not None and tuple(attention_mask.shape) != (batch_size, kv_length):
+        raise ValueError(
+            f"attention_mask must be [batch, past + new tokens] = [{batch_size}, {kv_length}] "
+            f"(past {kv_length - query_length}, new {query_length}), got {tuple(attention_mask.shape)}"
+        )
+
+
 def causal_mask(
     attention_mask: Optional[Tensor],
     batch_size: int,
@@ -46,11 +55,7 @@ def causal_mask(
                 return None, False
             if past_length == 0:
                 return None, True
-    elif tuple(attention_mask.shape) != (batch_size, kv_length):
-        raise ValueError(
-            f"attention_mask must be [batch, past + new tokens] = [{batch_size}, {kv_length}] "
-            f"(past {past_length}, new {query_length}), got {tuple(attention_mask.shape)}"
-        )
+    check_mask_shape(attention_mask, batch_size, kv_length, query_length)
     q_pos = torch.arange(past_length, kv_length, device=device)[:, None]
     k_pos = torch.arange(kv_length, device=device)[None, :]
     allowed = k_pos <= q_pos

@@ -12,9 +12,10 @@ tokens:
   ``norm(max(0, p_j − q_j))``; after g acceptances draw a bonus token from ``p_g``. Every emitted
   token is then distributed exactly as the target's ``p`` given its prefix, whatever q is.
 
-Probabilities are float32; the mixture proposal is formed in log space,
-``log q̄ = logsumexp_k(log w_k + log_softmax(z_k / T))``, and the acceptance ratio, the residual and
-the proposal sample all use that same tensor.
+Probabilities are float32; the mixture proposal is ``q̄ = Σ_k w_k softmax(z_k / T)``, summed in
+linear space as the fused EU kernel sums it (the terms are normalised probabilities: no overflow,
+no cancellation; only an entry below float32's range, < 1e-38, rounds to 0 — as it would on leaving
+log space), and the acceptance ratio, the residual and the proposal sample all use that same tensor.
 """
 
 from __future__ import annotations
@@ -39,21 +40,21 @@ def check_proposal(proposal: Union[str, int], num_drafts: int) -> Optional[int]:
                      f"(K = {num_drafts} drafts), got {proposal!r}")
 
 
-def proposal_probs(draft_logits: Tensor, log_weights: Optional[Tensor], draft: Optional[int],
+def proposal_probs(draft_logits: Tensor, weights: Optional[Tensor], draft: Optional[int],
                    temperature: float) -> Tensor:
     """Proposal distribution ``[B, V]`` (float32) of one draft step.
 
     Args:
         draft_logits: ``[K, B, V]`` logits of the K drafts at one position.
-        log_weights: ``[K]`` float32 ``log w_k`` of the mixture (used when ``draft`` is None).
+        weights: ``[K]`` float32 mixture weights ``w_k`` (used when ``draft`` is None).
         draft: propose from draft ``draft`` alone, or None for the mixture ``q̄ = Σ_k w_k q_k``.
         temperature: T of ``q_k = softmax(z_k / T)``.
     """
     z = draft_logits.float() if temperature == 1 else draft_logits.float() / temperature
     if draft is not None:
         return torch.softmax(z[draft], dim=-1)
-    log_q = torch.log_softmax(z, dim=-1)
-    return torch.logsumexp(log_q + log_weights[:, None, None], dim=0).exp()
+    K, B, V = z.shape
+    return (weights @ torch.softmax(z, dim=-1).reshape(K, B * V)).view(B, V)  # one matrix-vector product
 
 
 def propose(q: Tensor, do_sample: bool, generator: Optional[torch.Generator]) -> Tensor:

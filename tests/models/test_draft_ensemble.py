@@ -32,9 +32,11 @@ def _inputs(vocab, batch, length, left_pad, seed=0):
     ("qwen2", 2, 1, (0, 2)),
     ("mistral", 2, 1, (0, 2)),   # sliding window 6 < 7 + 20 tokens
 ])
-def test_matches_separate_hf_models(arch, num_drafts, shared, left_pad):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-step", "pytorch-step"])  # epikern.models.fused_step
+def test_matches_separate_hf_models(arch, num_drafts, shared, left_pad, fused):
     models = drafts_sharing_trunk(tiny_model(arch), num_drafts, shared)
     ens = DraftEnsemble.from_models(models, shared_layers=shared)
+    ens.fused_decode = fused
     V = ens.vocab_size
     ids, mask = _inputs(V, 2, 7, left_pad)
     padded = any(left_pad)
