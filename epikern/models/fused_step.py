@@ -7,7 +7,8 @@ benchmarks/RESULTS.md). The fused kernel does the embedding, every stacked layer
 QKV, rotary, the KV cache append, GQA attention under the padding mask, SwiGLU MLP) and the K LM
 heads in one call, writing the keys and values straight into the :class:`DraftCache` buffers.
 
-It runs when :func:`fusable` says so — CPU, float32, no autograd, a non-empty cache, at most
+It runs when :func:`fusable` says so — CPU, float32, no autograd, no ``torch.compile`` or dispatch
+mode watching (``FlopCounterMode`` counts the PyTorch path's matmuls), a non-empty cache, at most
 :data:`MAX_TOKENS` new tokens, SiLU, full attention, a static RoPE, in-major weights — and
 :meth:`DraftEnsemble.forward` otherwise takes the PyTorch path, which is also the reference the
 tests hold it to (float32 round-off: the sums run in another order). The math is that of
@@ -21,6 +22,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ..ops._checks import dispatcher_watching
 
 try:
     from .. import _cpu
@@ -43,6 +46,8 @@ def fusable(ens, input_ids: Tensor, cache, past: int) -> bool:
     """Whether :func:`fused_forward` can run this step of ``ens`` (host-side checks only; ``past``
     is the cache's length)."""
     if _cpu is None or cache is None or past == 0 or not ens.fused_decode or input_ids.device.type != "cpu":
+        return False
+    if dispatcher_watching():  # FlopCounterMode must see the matmuls, torch.compile the ATen graph
         return False
     if input_ids.shape[1] > MAX_TOKENS:
         return False

@@ -7,10 +7,18 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 #: float64 logits are served by the reference backend only.
 REFERENCE_ONLY_DTYPES = (torch.float64,)
+
+
+def dispatcher_watching() -> bool:
+    """Whether PyTorch must see an op as ATen calls or a registered op, rather than have it run
+    straight on raw pointers: under ``torch.compile`` or a dispatch mode (``FlopCounterMode``,
+    ``FakeTensorMode``)."""
+    return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 
 def check_logits(name: str, x: Tensor, min_dim: int) -> None:

@@ -48,8 +48,7 @@ class EnsembleUncertainty(NamedTuple):
     epistemic: Tensor  #: total − aleatoric, the mutual information (computed without cancellation)
 
 
-@torch.library.custom_op("epikern::draft_uncertainty", mutates_args=())
-def _draft_uncertainty_op(
+def _draft_uncertainty_rows(
     draft_logits: Tensor,
     target_logits: Optional[Tensor],
     weights: Tensor,
@@ -72,6 +71,18 @@ def _draft_uncertainty_op(
         draft_logits, target_logits, weights, temperature, decompose, stats, draft_lse, target_lse
     )
     return stats, draft_lse, target_lse
+
+
+_draft_uncertainty_op = torch.library.custom_op("epikern::draft_uncertainty", mutates_args=())(_draft_uncertainty_rows)
+
+
+def _through_dispatcher(*tensors: Optional[Tensor]) -> bool:
+    """Whether a call must go through the registered op rather than straight to the backend: under
+    ``torch.compile``, a dispatch mode, meta tensors or autograd. Elsewhere the dispatcher's
+    wrappers only cost time (~40 µs a call, and three times that once a decoding loop's target
+    forward has evicted them from the caches)."""
+    return _checks.dispatcher_watching() or any(
+        t is not None and (t.device.type == "meta" or (t.requires_grad and torch.is_grad_enabled())) for t in tensors)
 
 
 @_draft_uncertainty_op.register_fake
@@ -203,9 +214,8 @@ def draft_uncertainty(
         draft_lse = draft_rows.new_empty((K, 0), dtype=torch.float32)
         target_lse = draft_rows.new_empty((0,), dtype=torch.float32)
     else:
-        stats, draft_lse, target_lse = _draft_uncertainty_op(
-            draft_rows, target_rows, w, temperature, bool(decompose), backend or ""
-        )
+        op = _draft_uncertainty_op if _through_dispatcher(draft_rows, target_rows, w) else _draft_uncertainty_rows
+        stats, draft_lse, target_lse = op(draft_rows, target_rows, w, temperature, bool(decompose), backend or "")
     stats = stats.reshape(len(STATS), *batch)
     return DraftUncertainty(
         *stats.unbind(0), draft_lse=draft_lse.reshape(K, *batch), target_lse=target_lse.reshape(batch)

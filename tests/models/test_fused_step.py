@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from epikern.models import DraftEnsemble
 from epikern.models import fused_step
@@ -107,6 +108,8 @@ def test_what_the_fused_step_declines():
         assert not fused_step.fusable(ens, one, cache, 4)                 # autograd on trainable weights
         ens.requires_grad_(False)
         assert fused_step.fusable(ens, one, cache, 4)
+    with FlopCounterMode(display=False):                                  # it must see the matmuls
+        assert not fused_step.fusable(ens, one, cache, 4)
     ens.fused_decode = False
     assert not fused_step.fusable(ens, one, cache, 4)
     ens.fused_decode = True
