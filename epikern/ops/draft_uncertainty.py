@@ -81,8 +81,9 @@ def _through_dispatcher(*tensors: Optional[Tensor]) -> bool:
     ``torch.compile``, a dispatch mode, meta tensors or autograd. Elsewhere the dispatcher's
     wrappers only cost time (~40 µs a call, and three times that once a decoding loop's target
     forward has evicted them from the caches)."""
+    grad = torch.is_grad_enabled()
     return _checks.dispatcher_watching() or any(
-        t is not None and (t.device.type == "meta" or (t.requires_grad and torch.is_grad_enabled())) for t in tensors)
+        t is not None and (t.is_meta or (grad and t.requires_grad)) for t in tensors)
 
 
 @_draft_uncertainty_op.register_fake
