@@ -7,6 +7,7 @@
 from .backends import BackendUnavailableError
 from .ops import (
     DraftUncertainty,
+    DraftUncertaintyScorer,
     EnsembleUncertainty,
     draft_uncertainty,
     ensemble_uncertainty,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DraftUncertainty",
+    "DraftUncertaintyScorer",
     "EnsembleUncertainty",
     "draft_uncertainty",
     "ensemble_uncertainty",

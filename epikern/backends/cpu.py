@@ -82,7 +82,7 @@ def draft_uncertainty_raw(
         raise ValueError(f"draft_logits needs unit stride over V, got strides {draft_logits.stride()}")
     if target_logits is not None and target_logits.stride(1) != 1 and V > 1:
         raise ValueError(f"target_logits needs unit stride over V, got strides {target_logits.stride()}")
-    weights = weights.to(torch.float32).contiguous()  # K numbers
+    weights = weights.to(torch.float32).contiguous()  # K numbers (no copy when they are already)
     for name, out in (("stats", stats), ("draft_lse", draft_lse), ("target_lse", target_lse)):
         if out.dtype != torch.float32:
             raise TypeError(f"{name} must be float32, got {out.dtype}")

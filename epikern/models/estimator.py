@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache
 
-from ..ops import DraftUncertainty, draft_uncertainty
+from ..ops import DraftUncertainty, DraftUncertaintyScorer
 from ..ops._checks import uniform_or_checked_weights
 from .draft_ensemble import DraftEnsemble
 from .loading import model_vocab_size
@@ -89,12 +89,13 @@ class DraftEstimator:
         chunked = step < T
         ref_cache = DynamicCache(config=self._reference.config) if chunked else None
         draft_cache = self.drafts.new_cache(B) if chunked else None
+        uncertainty = self._scorer(input_ids.device)
         parts = []
         for start in range(0, T, step):
             ids, pos = input_ids[:, start:start + step], positions[:, start:start + step]
             mask = None if attention_mask is None else attention_mask[:, :start + step]
             ref = lm_logits(self._reference, ids, mask, pos, ref_cache, 0)
-            parts.append(self._uncertainty(self.drafts(ids, mask, draft_cache, position_ids=pos), ref))
+            parts.append(uncertainty(self.drafts(ids, mask, draft_cache, position_ids=pos), ref))
         u = DraftUncertainty(*(torch.cat(field, dim=-1) for field in zip(*parts)))
         return u if attention_mask is None else nan_where_not(u, attention_mask.bool())
 
@@ -198,6 +199,7 @@ class DraftEstimator:
         pad = getattr(self.target.config, "pad_token_id", None)
         pad = int(eos[0]) if pad is None and eos is not None else pad
         proxy = self.reference if with_uncertainty else None
+        uncertainty = self._scorer(device) if with_uncertainty else None
         target_cache = DynamicCache(config=self.target.config)
         proxy_cache = None if proxy is None else DynamicCache(config=proxy.config)
         draft_cache = self.drafts.new_cache(B)
@@ -262,7 +264,7 @@ class DraftEstimator:
                 scored = min(width, len(draft_rows) - (deferred is not None))
                 rows = draft_rows[: scored + (deferred is not None)]
                 refs = ref[:, :scored] if deferred is None else torch.cat([deferred[:, None], ref[:, :scored]], 1)
-                scores.append(self._uncertainty(torch.stack(rows, dim=2), refs))
+                scores.append(uncertainty(torch.stack(rows, dim=2), refs))
                 deferred = ref[:, g] if scored < width else None  # a fully accepted round's bonus token
             pending = new[:, -1:]
             if speculative_tokens:  # roll back the rejected proposals: keep n + cut tokens
@@ -284,7 +286,7 @@ class DraftEstimator:
             logits = self.drafts(ids, mask[:, :-1] if padded else None, draft_cache,
                                  position_ids=position_ids_from_mask(mask[:, :-1], 1), logits_to_keep=1)
             forwards["draft"] += 1
-            scores.append(self._uncertainty(logits, deferred[:, None]))
+            scores.append(uncertainty(logits, deferred[:, None]))
         stats = DecodingStats(speculative_tokens, tuple(proposed), tuple(accepted), len(proposed),
                               forwards["draft"], forwards["reference"])
         if not tokens:
@@ -329,13 +331,13 @@ class DraftEstimator:
                         break
         return rows, q, ys
 
-    def _uncertainty(self, draft_logits: Tensor, ref_logits: Tensor) -> DraftUncertainty:
-        vocab = min(draft_logits.shape[-1], ref_logits.shape[-1])
-        return draft_uncertainty(
-            draft_logits, ref_logits, weights=self.weights, temperature=self.eu_temperature,
-            decompose=self.decompose, backend=self.backend,
-            vocab_size=None if draft_logits.shape[-1] == ref_logits.shape[-1] else vocab,
-        )
+    def _scorer(self, device: torch.device) -> DraftUncertaintyScorer:
+        """The estimator's :func:`epikern.draft_uncertainty` settings, checked once per call of
+        :meth:`score` or :meth:`generate` (on the vocabulary the drafts and the reference share)."""
+        vocab = (self.drafts.vocab_size, model_vocab_size(self._reference))
+        return DraftUncertaintyScorer(
+            self.drafts.num_drafts, device, weights=self.weights, temperature=self.eu_temperature,
+            decompose=self.decompose, backend=self.backend, vocab_size=None if vocab[0] == vocab[1] else min(vocab))
 
 
 def _accept(y: Tensor, q: list, logits: Tensor, finished: Tensor, eos: Optional[Tensor], do_sample: bool,

@@ -2,11 +2,12 @@
 
 from .draft_uncertainty import (
     DraftUncertainty,
+    DraftUncertaintyScorer,
     EnsembleUncertainty,
     draft_uncertainty,
     ensemble_uncertainty,
 )
 
-__all__ = ["DraftUncertainty", "EnsembleUncertainty", "draft_uncertainty", "ensemble_uncertainty"]
+__all__ = ["DraftUncertainty", "DraftUncertaintyScorer", "EnsembleUncertainty", "draft_uncertainty", "ensemble_uncertainty"]
 from .forward_kl import forward_kl, fused_linear_forward_kl  # noqa: E402
 __all__ += ["forward_kl", "fused_linear_forward_kl"]

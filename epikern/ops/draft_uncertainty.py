@@ -223,11 +223,74 @@ def draft_uncertainty(
     )
 
 
+class DraftUncertaintyScorer:
+    """:func:`draft_uncertainty` with its settings checked once, for a loop that calls it every round.
+
+    A decoding loop scores a few rows per round with the same K, weights, temperature, backend and
+    vocabulary; re-validating them per call costs more than the kernel on small rows (~50 µs of
+    ~100 µs in situ on a CPU). ``scorer = DraftUncertaintyScorer(K, device, weights=..., ...)``
+    resolves them here; ``scorer(draft_logits [K, *batch, V], target_logits [*batch, V])`` returns
+    exactly what ``draft_uncertainty(draft_logits, target_logits, **settings)`` returns. A call
+    whose inputs do not fit the fast path (another device or K, mismatched shapes, no rows, autograd,
+    ``torch.compile`` or a dispatch mode such as ``FlopCounterMode``) goes through
+    :func:`draft_uncertainty` itself, with its checks, errors and registered op.
+    """
+
+    def __init__(self, num_drafts: int, device: Union[str, torch.device], *,
+                 weights: Union[None, Sequence[float], Tensor] = None, temperature: float = 1.0,
+                 decompose: bool = True, vocab_size: Optional[int] = None, backend: Optional[str] = None):
+        self.num_drafts, self.device = int(num_drafts), torch.device(device)
+        if self.num_drafts < 1:
+            raise ValueError(f"num_drafts must be >= 1, got {num_drafts!r}")
+        if vocab_size is not None:
+            _check_vocab_size(vocab_size)
+        self.settings = dict(weights=weights, temperature=_checks.check_temperature(temperature),
+                             decompose=bool(decompose), vocab_size=vocab_size, backend=backend)
+        self._weights = _checks.uniform_or_checked_weights(weights, self.num_drafts, self.device)
+        self._backend = backends.select("draft_uncertainty", self.device, backend)
+        self._run = backends.entry("draft_uncertainty", self._backend)
+
+    def __call__(self, draft_logits: Tensor, target_logits: Optional[Tensor] = None) -> DraftUncertainty:
+        if not self._fits(draft_logits, target_logits):
+            return draft_uncertainty(draft_logits, target_logits, **self.settings)
+        K, *batch, V = draft_logits.shape
+        cut = self.settings["vocab_size"]
+        if cut is not None:
+            draft_logits = draft_logits[..., :cut]
+            target_logits = None if target_logits is None else target_logits[..., :cut]
+            V = cut
+        N = math.prod(batch)
+        draft_rows = _checks.last_dim_contiguous(draft_logits.reshape(K, N, V))
+        target_rows = None if target_logits is None else _checks.last_dim_contiguous(target_logits.reshape(N, V))
+        stats = draft_rows.new_empty((len(STATS), N), dtype=torch.float32)
+        draft_lse = draft_rows.new_empty((K, N), dtype=torch.float32)
+        target_lse = draft_rows.new_empty((N,), dtype=torch.float32)
+        self._run(draft_rows, target_rows, self._weights, self.settings["temperature"],
+                  self.settings["decompose"], stats, draft_lse, target_lse)
+        return DraftUncertainty(*stats.reshape(len(STATS), *batch).unbind(0),
+                                draft_lse=draft_lse.reshape(K, *batch), target_lse=target_lse.reshape(batch))
+
+    def _fits(self, draft: Tensor, target: Optional[Tensor]) -> bool:
+        """Whether the call needs none of :func:`draft_uncertainty`'s checks or dispatching."""
+        if not isinstance(draft, Tensor) or draft.dim() < 2 or draft.shape[0] != self.num_drafts \
+                or draft.device != self.device or draft.dtype not in _checks.LOGIT_DTYPES or draft.numel() == 0:
+            return False
+        cut = self.settings["vocab_size"]
+        if target is not None and (not isinstance(target, Tensor) or target.dim() != draft.dim() - 1
+                                   or target.shape[:-1] != draft.shape[1:-1] or target.device != self.device
+                                   or target.dtype not in _checks.LOGIT_DTYPES
+                                   or (cut is None and target.shape[-1] != draft.shape[-1])
+                                   or (cut is not None and target.shape[-1] < cut)):
+            return False
+        if cut is not None and draft.shape[-1] < cut:
+            return False
+        return not _through_dispatcher(draft, target)
+
+
 def _shared_vocab(draft: Tensor, target: Optional[Tensor], vocab_size: Optional[int]):
     V = draft.shape[-1]
     if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+        _check_vocab_size(vocab_size)
         sizes = [V] + ([] if target is None else [target.shape[-1]])
         if min(sizes) < vocab_size:
             raise ValueError(
@@ -245,6 +308,11 @@ def _shared_vocab(draft: Tensor, target: Optional[Tensor], vocab_size: Optional[
     if V == 0:
         raise ValueError(f"the vocabulary is empty: drafts {tuple(draft.shape)}")
     return draft, target, V
+
+
+def _check_vocab_size(vocab_size) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
 
 
 def ensemble_uncertainty(

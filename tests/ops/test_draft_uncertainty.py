@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -206,3 +207,68 @@ def test_invariant_to_a_constant_per_row(backend, problem, shifts):
                                  temperature=T, backend=backend)
     for name in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):
         assert_close(name, getattr(moved, name), getattr(u, name), atol=2e-4, rtol=2e-4)
+
+
+# --- DraftUncertaintyScorer: the same op with its settings checked once ---------------------------
+
+def _same(out, ref):
+    for name, a, b in zip(ek.DraftUncertainty._fields, out, ref):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num()), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("settings_", [
+    {},
+    {"weights": [0.1, 0.2, 0.3, 0.4], "temperature": 0.7},
+    {"weights": torch.tensor([0.25, 0.25, 0.5, 0.0], dtype=torch.float64), "decompose": False},
+    {"vocab_size": 40},
+])
+@pytest.mark.parametrize("with_target", [True, False])
+def test_scorer_equals_the_op(backend, settings_, with_target, monkeypatch):
+    g = torch.Generator().manual_seed(7)
+    d = make_logits((4, 2, 3, 50), "masked", generator=g)
+    t = make_logits((2, 3, 60 if "vocab_size" in settings_ else 50), "masked", generator=g) if with_target else None
+    cases = [(d, t), (d.transpose(1, 2), None if t is None else t.transpose(0, 1)),  # other strides
+             (d[:, :1, 0].half(), None if t is None else t[:1, 0])]  # fp16 drafts, fp32 reference
+    refs = [ek.draft_uncertainty(*case, backend=backend, **settings_) for case in cases]
+    scorer = ek.DraftUncertaintyScorer(4, "cpu", backend=backend, **settings_)
+    # the fast path must not fall back to the op (which would make this comparison vacuous)
+    module = importlib.import_module("epikern.ops.draft_uncertainty")  # the module, not the function
+    monkeypatch.setattr(module, "draft_uncertainty", lambda *a, **k: pytest.fail("fell back to the op"))
+    for case, ref in zip(cases, refs):
+        _same(scorer(*case), ref)
+
+
+@pytest.mark.parametrize("draft_shape,target_shape,match", [
+    ((3, 4, 50), (4, 50), r"weights must have shape \[3\]"),  # K differs from the scorer's
+    ((4, 4, 50), (5, 50), r"batch shapes differ"),
+    ((4, 4, 50), (4, 60), r"vocabulary mismatch"),
+    ((4, 4, 50), (2, 4, 50), r"target_logits must have rank 2"),
+])
+def test_scorer_falls_back_to_the_ops_errors(draft_shape, target_shape, match):
+    scorer = ek.DraftUncertaintyScorer(4, "cpu", weights=torch.full((4,), 0.25))
+    with pytest.raises(ValueError, match=match):
+        scorer(torch.zeros(draft_shape), torch.zeros(target_shape))
+
+
+def test_scorer_checks_its_settings_once():
+    with pytest.raises(ValueError, match=r"num_drafts must be >= 1"):
+        ek.DraftUncertaintyScorer(0, "cpu")
+    with pytest.raises(ValueError, match=r"vocab_size must be a positive int"):
+        ek.DraftUncertaintyScorer(2, "cpu", vocab_size=0)
+    with pytest.raises(ValueError, match=r"temperature must be finite and > 0"):
+        ek.DraftUncertaintyScorer(2, "cpu", temperature=0.0)
+    with pytest.raises(ValueError, match=r"weights must sum to 1"):
+        ek.DraftUncertaintyScorer(2, "cpu", weights=[0.5, 0.6])
+    with pytest.raises(ValueError, match=r"unknown backend"):
+        ek.DraftUncertaintyScorer(2, "cpu", backend="nope")
+
+
+def test_scorer_is_seen_by_flop_counter_and_compile():
+    from epikern.eval.cost import count_flops
+    d, t = _inputs(K=3, N=4, V=50)
+    scorer = ek.DraftUncertaintyScorer(3, "cpu", backend="cpu")
+    _, total, per_op = count_flops(scorer, d, t)
+    assert per_op == {"epikern.draft_uncertainty": total} and total > 0
+    compiled = torch.compile(lambda d, t: scorer(d, t).eu, fullgraph=True, backend="inductor")
+    assert_close("compiled scorer", compiled(d, t), ek.draft_uncertainty(d, t).eu, atol=1e-6, rtol=1e-6)
