@@ -210,7 +210,7 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
       and ``plain``);
     * ``eu``: per γ (0 = plain decoding), EU's share of a round from the medians
       (``(t_EU − t_noEU) / t_EU``; at γ = 0 this includes the drafts, which run only for EU there)
-      and from one timed :func:`epikern.draft_uncertainty` call at the round's shape;
+      and from the median uncertainty call timed inside the decoding loop (:func:`eu_calls_s`);
     * ``steps``: the ms of each :func:`step_runners` piece at the first prompt's context (timed in the
       same rounds as the decoders), and per γ the round time they predict, ``γ·draft_1 + target_{γ+1}``.
     """
@@ -276,7 +276,9 @@ def measure(target: nn.Module, drafts: DraftEnsemble, prompts: Sequence[torch.Te
         if "draft_flops_vs_target" in row:
             row["spec7"] = spec7_verdict(row, plain)
     predicted = {g: g * costs["draft_1"] + costs[f"target_{g + 1}"] for g in gammas}
-    return {"rows": rows, "eu": {g: _eu_share(est, seconds, results, g) for g in (0, *gammas)},
+    eu = {g: _eu_share(est, seconds, results, g, prompts, dict(max_new_tokens=new_tokens, speculative_tokens=g,
+                                                               proposal=proposal)) for g in (0, *gammas)}
+    return {"rows": rows, "eu": eu,
             "steps": {"ms": costs, "predicted_round_ms": predicted},
             "config": {"new_tokens": new_tokens, "prompts": len(prompts), "prompt_tokens": [p.shape[1] for p in prompts],
                        "repeats": repeats, "gammas": list(gammas), "proposal": proposal,
@@ -320,22 +322,45 @@ def _assisted(target: nn.Module, assistant: nn.Module, prompt: torch.Tensor, gam
                            max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
 
 
-def _eu_share(est: DraftEstimator, seconds: dict, results: dict, gamma: int, reps: int = 20) -> dict:
+def _eu_share(est: DraftEstimator, seconds: dict, results: dict, gamma: int, prompts: Sequence[torch.Tensor],
+              generate_kwargs: dict) -> dict:
     on, off = ("plain+EU", "plain") if gamma == 0 else (f"spec+EU γ={gamma}", f"spec γ={gamma}")
     stats = [o.stats for o in results[on]]
     rounds = sum(st.rounds for st in stats)
-    width = max(1, round(sum(st.rounds + sum(st.accepted) for st in stats) / rounds))  # tokens scored a round
-    K, V = est.drafts.num_drafts, est.drafts.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    draft_logits, target_logits = 4 * torch.randn(K, 1, width, V, generator=gen), 4 * torch.randn(1, width, V, generator=gen)
-    ek.draft_uncertainty(draft_logits, target_logits, backend=est.backend)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        ek.draft_uncertainty(draft_logits, target_logits, backend=est.backend)
-    call_s = (time.perf_counter() - t0) / reps
-    round_s = seconds[on] / rounds
+    calls = eu_calls_s(est, prompts, generate_kwargs)
+    call_s, round_s = statistics.median(calls), seconds[on] / rounds
     return {"share_from_medians": (seconds[on] - seconds[off]) / seconds[on], "share_of_call": call_s / round_s,
-            "round_ms": 1e3 * round_s, "eu_call_ms": 1e3 * call_s, "tokens_scored": width}
+            "round_ms": 1e3 * round_s, "eu_call_ms": 1e3 * call_s, "eu_calls": len(calls)}
+
+
+def eu_calls_s(est: DraftEstimator, prompts: Sequence[torch.Tensor], generate_kwargs: dict) -> list[float]:
+    """Seconds of every uncertainty call inside ``est.generate(p, **generate_kwargs)`` over ``prompts``.
+
+    Timed in situ, between the rounds' forwards: there the call finds its code and data evicted by
+    the target's forward and costs ~3× what a loop of calls on one input measures on a CPU.
+    """
+    times, make = [], est._scorer
+    sync = torch.cuda.synchronize if prompts[0].is_cuda else (lambda: None)
+
+    def timed(device):
+        scorer = make(device)
+
+        def call(*args):
+            sync()
+            t0 = time.perf_counter()
+            u = scorer(*args)
+            sync()
+            times.append(time.perf_counter() - t0)
+            return u
+        return call
+
+    est._scorer = timed
+    try:
+        for p in prompts:
+            est.generate(p, **generate_kwargs)
+    finally:
+        del est._scorer  # back to the class's method
+    return times
 
 
 # ------------------------------------------------------------------------------------------------
@@ -347,12 +372,15 @@ HEADER = ("| variant | γ | tokens/s | vs hf | acceptance | tokens/round | round
 
 
 def format_table(result: dict) -> str:
-    """Markdown: one row per variant; EU's share of a round per γ; the step costs."""
+    """Markdown: one row per variant; EU's share of a round per γ; the step costs.
+
+    ``result`` is :func:`measure`'s or the same loaded back from ``--json`` (whose γ keys are strings).
+    """
     lines = [HEADER]
     for r in result["rows"]:
         acc = "–" if r.get("acceptance") is None else f"{r['acceptance']:.2f}"
         extra = ["–", "–", "–"] if "rounds" not in r else \
-            [f"{r['tokens_per_round']:.2f}", f"{r['round_ms']:.1f}", str(r["draft_forwards"])]
+            [f"{r['tokens_per_round']:.2f}", f"{r['round_ms']:.2f}", str(r["draft_forwards"])]
         cost = f"{r['draft_flops_vs_target']:.2f}" if "draft_flops_vs_target" in r else "–"
         verdict = {"not met": "**not met**"}.get(r.get("spec7"), r.get("spec7", "–"))
         lines.append(f"| {r['variant']} | {r['gamma'] or '–'} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}× | {acc} | "
@@ -365,17 +393,18 @@ def format_table(result: dict) -> str:
     lines += ["", "SPEC §7 (tokens/s ≥ plain target decoding, the faster of hf and plain, wherever the drafts cost "
               f"less than the target in FLOPs a token and accept ≥ 2 proposals a round): {counts[0]}; read as "
               f"≥ 2 tokens a target forward (the target's own token counted): {counts[1]}."]
-    lines += ["", "| γ | EU share of a round (with − without EU) | one EU call ÷ round | round ms (EU on) | EU call ms |",
+    lines += ["", "| γ | EU share of a round (with − without EU) | one EU call in situ ÷ round | round ms (EU on) | EU call ms |",
               "|---|---|---|---|---|"]
     for g, e in result["eu"].items():
-        lines.append(f"| {g or '0 (plain: drafts + EU)'} | {100 * e['share_from_medians']:.1f} % | "
-                     f"{100 * e['share_of_call']:.1f} % | {e['round_ms']:.1f} | {e['eu_call_ms']:.2f} |")
-    ms, pred = result["steps"]["ms"], result["steps"]["predicted_round_ms"]
-    lines += ["", "Step costs at the prompt's context (ms): target 1 token " + f"{ms['target_1']:.1f}, "
-              + ", ".join(f"target {g + 1} tokens {ms[f'target_{g + 1}']:.1f}" for g in pred)
-              + f"; all K drafts 1 token {ms['draft_1']:.1f} ({ms['draft_1'] / ms['target_1']:.2f}× the target), "
-              f"2 tokens {ms['draft_2']:.1f}. Predicted speculative round γ·draft + verify (ms): "
-              + ", ".join(f"γ={g}: {v:.1f}" for g, v in pred.items()) + "."]
+        lines.append(f"| {int(g) or '0 (plain: drafts + EU)'} | {100 * e['share_from_medians']:.1f} % | "
+                     f"{100 * e['share_of_call']:.1f} % | {e['round_ms']:.2f} | {e['eu_call_ms']:.3f} |")
+    ms = result["steps"]["ms"]
+    pred = {int(g): v for g, v in result["steps"]["predicted_round_ms"].items()}
+    lines += ["", "Step costs at the prompt's context (ms): target 1 token " + f"{ms['target_1']:.2f}, "
+              + ", ".join(f"target {g + 1} tokens {ms[f'target_{g + 1}']:.2f}" for g in pred)
+              + f"; all K drafts 1 token {ms['draft_1']:.2f} ({ms['draft_1'] / ms['target_1']:.2f}× the target), "
+              f"2 tokens {ms['draft_2']:.2f}. Predicted speculative round γ·draft + verify (ms): "
+              + ", ".join(f"γ={g}: {v:.2f}" for g, v in pred.items()) + "."]
     return "\n".join(lines)
 
 

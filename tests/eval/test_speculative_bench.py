@@ -3,6 +3,8 @@ tiny end-to-end measurement (structure and correctness of what it reports, never
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -64,6 +66,7 @@ def test_measure_reports_every_variant(target):
     assert set(out["eu"]) == {0, 2} and set(out["steps"]["ms"]) == {"target_1", "target_3", "draft_1", "draft_2"}
     table = sb.format_table(out)
     assert table.count("\n| spec") == 5 and "EU share" in table
+    assert sb.format_table(json.loads(json.dumps(out))) == table  # a saved --json renders the same
     adaptive = next(r for r in out["rows"] if r["variant"] == "spec τ=0.7")
     assert adaptive["gamma"] == 2 and adaptive["draft_forwards"] <= spec["draft_forwards"]
     # the cost of the drafts that ran: all K (3 of 5 layers each, a shared one) or draft 0 alone
