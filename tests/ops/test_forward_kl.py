@@ -16,22 +16,16 @@ import textwrap
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import epikern as ek
+from epikern import backends
+from epikern.backends import BackendUnavailableError, reference
+from tests._cases import assert_close, make_logits
 
 HAS_CUDA = torch.cuda.is_available()
-# As tests/backends/conftest.py: without a GPU, Triton runs on its CPU interpreter. triton.jit
-# reads this when a function is decorated (Triton's own library functions: when triton is first
-# imported), so it is set before anything below can import triton.
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-import epikern as ek  # noqa: E402
-from epikern import backends  # noqa: E402
-from epikern.backends import BackendUnavailableError, reference  # noqa: E402
-from tests._cases import assert_close, make_logits  # noqa: E402
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # set by tests/conftest.py without a GPU
 # numpy's warnings for the guarded −inf arithmetic the interpreter evaluates on masked lanes
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
