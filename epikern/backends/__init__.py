@@ -72,16 +72,11 @@ def select(op: str, device: torch.device, requested: Optional[str] = None) -> st
     warns once when the preferred compiled backend is missing.
     """
     requested = requested or os.environ.get("EPIKERN_BACKEND") or None
+    kind = "cuda" if device.type == "cuda" else "cpu"
     if requested is not None:
         _check_device(requested, device)
         _entry(get(requested), op)
         return requested
-    return _automatic(op, "cuda" if device.type == "cuda" else "cpu")
-
-
-@lru_cache(maxsize=None)
-def _automatic(op: str, kind: str) -> str:
-    """The first usable backend of ``_AUTO_ORDER[kind]`` (cached: which modules import is fixed)."""
     reasons = []
     for name in _AUTO_ORDER.get(kind, ("torch",)):
         try:
@@ -92,7 +87,7 @@ def _automatic(op: str, kind: str) -> str:
         if reasons:
             _warn_fallback(op, kind, name, "; ".join(reasons))
         return name
-    raise BackendUnavailableError(f"no backend can run {op} on {kind} tensors: {'; '.join(reasons)}")
+    raise BackendUnavailableError(f"no backend can run {op} on {device}: {'; '.join(reasons)}")
 
 
 def _check_device(name: str, device: torch.device) -> None:

@@ -63,14 +63,23 @@ def _draft_uncertainty_rows(
     """
     name = backends.select("draft_uncertainty", draft_logits.device, backend or None)
     _checks.check_reference_dtype(name, draft_logits=draft_logits, target_logits=target_logits)
-    K, N, _ = draft_logits.shape
-    stats = draft_logits.new_empty((len(STATS), N), dtype=torch.float32)
-    draft_lse = draft_logits.new_empty((K, N), dtype=torch.float32)
-    target_lse = draft_logits.new_empty((N,), dtype=torch.float32)
-    backends.entry("draft_uncertainty", name)(
-        draft_logits, target_logits, weights, temperature, decompose, stats, draft_lse, target_lse
-    )
-    return stats, draft_lse, target_lse
+    out = _outputs(draft_logits)
+    backends.entry("draft_uncertainty", name)(draft_logits, target_logits, weights, temperature, decompose, *out)
+    return out
+
+
+def _outputs(draft_rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Empty float32 ``stats [6, N]``, ``draft_lse [K, N]``, ``target_lse [N]`` for ``[K, N, V]`` rows."""
+    K, N, _ = draft_rows.shape
+    return (draft_rows.new_empty((len(STATS), N), dtype=torch.float32),
+            draft_rows.new_empty((K, N), dtype=torch.float32),
+            draft_rows.new_empty((N,), dtype=torch.float32))
+
+
+def _unpacked(stats: Tensor, draft_lse: Tensor, target_lse: Tensor, batch: Sequence[int]) -> DraftUncertainty:
+    """The packed outputs on ``N = prod(batch)`` rows as fields shaped ``[*batch]``."""
+    return DraftUncertainty(*stats.reshape(len(STATS), *batch).unbind(0),
+                            draft_lse=draft_lse.reshape(draft_lse.shape[0], *batch), target_lse=target_lse.reshape(batch))
 
 
 _draft_uncertainty_op = torch.library.custom_op("epikern::draft_uncertainty", mutates_args=())(_draft_uncertainty_rows)
@@ -88,12 +97,7 @@ def _through_dispatcher(*tensors: Optional[Tensor]) -> bool:
 
 @_draft_uncertainty_op.register_fake
 def _(draft_logits, target_logits, weights, temperature, decompose, backend):
-    K, N, _ = draft_logits.shape
-    return (
-        draft_logits.new_empty((len(STATS), N), dtype=torch.float32),
-        draft_logits.new_empty((K, N), dtype=torch.float32),
-        draft_logits.new_empty((N,), dtype=torch.float32),
-    )
+    return _outputs(draft_logits)
 
 
 # FLOPs of the op for torch.utils.flop_counter.FlopCounterMode, which cannot see into a custom op
@@ -211,16 +215,9 @@ def draft_uncertainty(
     draft_rows = _checks.last_dim_contiguous(draft_logits.reshape(K, N, V))
     target_rows = None if target_logits is None else _checks.last_dim_contiguous(target_logits.reshape(N, V))
     if N == 0:
-        stats = draft_rows.new_empty((len(STATS), 0), dtype=torch.float32)
-        draft_lse = draft_rows.new_empty((K, 0), dtype=torch.float32)
-        target_lse = draft_rows.new_empty((0,), dtype=torch.float32)
-    else:
-        op = _draft_uncertainty_op if _through_dispatcher(draft_rows, target_rows, w) else _draft_uncertainty_rows
-        stats, draft_lse, target_lse = op(draft_rows, target_rows, w, temperature, bool(decompose), backend or "")
-    stats = stats.reshape(len(STATS), *batch)
-    return DraftUncertainty(
-        *stats.unbind(0), draft_lse=draft_lse.reshape(K, *batch), target_lse=target_lse.reshape(batch)
-    )
+        return _unpacked(*_outputs(draft_rows), batch)
+    op = _draft_uncertainty_op if _through_dispatcher(draft_rows, target_rows, w) else _draft_uncertainty_rows
+    return _unpacked(*op(draft_rows, target_rows, w, temperature, bool(decompose), backend or ""), batch)
 
 
 class DraftUncertaintyScorer:
@@ -262,13 +259,9 @@ class DraftUncertaintyScorer:
         N = math.prod(batch)
         draft_rows = _checks.last_dim_contiguous(draft_logits.reshape(K, N, V))
         target_rows = None if target_logits is None else _checks.last_dim_contiguous(target_logits.reshape(N, V))
-        stats = draft_rows.new_empty((len(STATS), N), dtype=torch.float32)
-        draft_lse = draft_rows.new_empty((K, N), dtype=torch.float32)
-        target_lse = draft_rows.new_empty((N,), dtype=torch.float32)
-        self._run(draft_rows, target_rows, self._weights, self.settings["temperature"],
-                  self.settings["decompose"], stats, draft_lse, target_lse)
-        return DraftUncertainty(*stats.reshape(len(STATS), *batch).unbind(0),
-                                draft_lse=draft_lse.reshape(K, *batch), target_lse=target_lse.reshape(batch))
+        out = _outputs(draft_rows)
+        self._run(draft_rows, target_rows, self._weights, self.settings["temperature"], self.settings["decompose"], *out)
+        return _unpacked(*out, batch)
 
     def _fits(self, draft: Tensor, target: Optional[Tensor]) -> bool:
         """Whether the call needs none of :func:`draft_uncertainty`'s checks or dispatching."""
