@@ -2,9 +2,9 @@
 
 A backend is a module exposing ``NAME``, ``check_available()`` (raises
 :class:`BackendUnavailableError` saying why not) and, per op it implements, an out-variant entry
-point such as ``draft_uncertainty_out``. Selection order, unless ``backend=`` or the
-``EPIKERN_BACKEND`` environment variable names one: CUDA tensors → ``cuda``, else ``triton``, else
-``torch``; CPU tensors → ``cpu``, else ``torch``.
+point such as ``draft_uncertainty_out``, as :mod:`epikern.backends.contract` writes down.
+Selection order, unless ``backend=`` or the ``EPIKERN_BACKEND`` environment variable names one:
+CUDA tensors → ``cuda``, else ``triton``, else ``torch``; CPU tensors → ``cpu``, else ``torch``.
 """
 
 from __future__ import annotations

@@ -112,7 +112,7 @@ def draft_uncertainty_out(
     draft_lse: Tensor,
     target_lse: Tensor,
 ) -> None:
-    """Backend entry point of ``epikern::draft_uncertainty`` (contract: epikern/backends/__init__)."""
+    """Backend entry point of ``epikern::draft_uncertainty`` (contract: :mod:`epikern.backends.contract`)."""
     draft_uncertainty_raw(draft_logits, target_logits, weights, temperature, decompose,
                           stats, draft_lse, target_lse)
 

@@ -198,11 +198,9 @@ def register_flop_formulas() -> None:
     """
     import torch.utils.flop_counter  # noqa: F401  (the ops register only once it is imported)
 
-    from ..ops.draft_uncertainty import _register_flop_formulas as register_draft_uncertainty
-    from ..ops.forward_kl import _register_flop_formulas as register_forward_kl
+    from ..ops.flops import register_flop_formulas as register_op_flop_formulas
 
-    register_draft_uncertainty()
-    register_forward_kl()
+    register_op_flop_formulas()
     _register_cpu_flash_attention()
 
 

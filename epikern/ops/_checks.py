@@ -101,3 +101,35 @@ def _check_weight_values(values: Sequence[float]) -> None:
 def last_dim_contiguous(x: Tensor) -> Tensor:
     """Copy only when the vocabulary dimension is strided (kernels take any other strides)."""
     return x if x.stride(-1) == 1 or x.shape[-1] == 1 else x.contiguous()
+
+
+def check_vocab_size(vocab_size) -> None:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
+        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
+
+
+def shared_vocab(vocab_size: Optional[int], inputs: dict[str, Optional[Tensor]],
+                 vocab_dims: Optional[dict[str, int]] = None) -> list[Optional[Tensor]]:
+    """``inputs`` (None entries pass through) cut to one vocabulary, in the order given.
+
+    The vocabulary is each tensor's last dim, or ``vocab_dims[name]`` (an LM-head weight's rows).
+    With ``vocab_size`` every input keeps its first ``vocab_size`` entries (a view: padded
+    vocabularies that differ); without it all must have the same, non-empty vocabulary.
+    """
+    dims = vocab_dims or {}
+    present = {k: (v, dims.get(k, -1)) for k, v in inputs.items() if v is not None}
+    sizes = {k: v.shape[d] for k, (v, d) in present.items()}
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)
+        if min(sizes.values()) < vocab_size:
+            listing = ", ".join(f"{k} {n}" for k, n in sizes.items())
+            raise ValueError(f"vocab_size={vocab_size} exceeds the vocabulary of the inputs ({listing})")
+        return [None if v is None else v.narrow(dims.get(k, -1), 0, vocab_size) for k, v in inputs.items()]
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{k} {tuple(v.shape)} has V={sizes[k]}" for k, (v, _) in present.items())
+        raise ValueError(f"vocabulary mismatch: {listing}; pass vocab_size= to compare the shared "
+                         "prefix of padded vocabularies")
+    if 0 in sizes.values():
+        first, (tensor, _) = next(iter(present.items()))
+        raise ValueError(f"the vocabulary is empty: {first} {tuple(tensor.shape)}")
+    return list(inputs.values())

@@ -16,7 +16,6 @@ draft's normaliser first. All backends write a packed ``stats [6, N]`` tensor (o
 from __future__ import annotations
 
 import math
-import sys
 from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor
 
 from .. import backends
 from ..backends.reference import STATS
-from . import _checks
+from . import _checks, flops
 
 
 class DraftUncertainty(NamedTuple):
@@ -100,15 +99,10 @@ def _(draft_logits, target_logits, weights, temperature, decompose, backend):
     return _outputs(draft_logits)
 
 
-# FLOPs of the op for torch.utils.flop_counter.FlopCounterMode, which cannot see into a custom op
-# and by its convention counts only matmuls (a multiply-add = 2 FLOPs). This op has no matmul; its
-# count is the scalar arithmetic of the algorithm in the module docstring per vocabulary entry
-# (each add, multiply, compare, exp or log = 1 FLOP, a multiply-add = 2); per-row work that does
-# not scale with V is not counted. Registered lazily, as in forward_kl.py (importing
-# torch.utils.flop_counter here would import triton with `import epikern`); a FlopCounterMode
-# copies the registry when it is constructed, so register first (epikern.eval.cost.count_flops does).
-_flop_formulas_registered = False
-
+# FLOPs of the op for FlopCounterMode (ops/flops.py), which by its convention counts only matmuls
+# (a multiply-add = 2 FLOPs). This op has no matmul; its count is the scalar arithmetic of the
+# algorithm in the module docstring per vocabulary entry (each add, multiply, compare, exp or log =
+# 1 FLOP, a multiply-add = 2); per-row work that does not scale with V is not counted.
 #: FLOPs per draft entry in the first sweep: z/T, running-max compare, z − m, exp, s += e,
 #: a += e·z (multiply-add, 2).
 SWEEP1_PER_DRAFT_ENTRY = 7
@@ -141,18 +135,10 @@ def draft_uncertainty_flops(K: int, N: int, V: int, has_target: bool, decompose:
     return N * V * (sweep1 + (sweep2 if decompose else 0))
 
 
-def _register_flop_formulas() -> None:
-    global _flop_formulas_registered
-    if _flop_formulas_registered or "torch.utils.flop_counter" not in sys.modules:
-        return
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(torch.ops.epikern.draft_uncertainty)
-    def _(draft_logits, target_logits, weights, temperature, decompose, backend, out_shape=None) -> int:
-        K, N, V = draft_logits
-        return draft_uncertainty_flops(K, N, V, target_logits is not None, decompose)
-
-    _flop_formulas_registered = True
+@flops.flop_formula("draft_uncertainty")
+def _(draft_logits, target_logits, weights, temperature, decompose, backend, out_shape=None) -> int:
+    K, N, V = draft_logits
+    return draft_uncertainty_flops(K, N, V, target_logits is not None, decompose)
 
 
 def draft_uncertainty(
@@ -185,8 +171,7 @@ def draft_uncertainty(
         probability 0 that a draft does not, ``kl``/``eu`` are ``+inf``; a row whose logits are all
         ``−inf`` or contain NaN yields NaN in that row only.
     """
-    if not torch.compiler.is_compiling():
-        _register_flop_formulas()
+    flops.register_flop_formulas()
     _checks.check_logits("draft_logits", draft_logits, min_dim=2)
     K, *batch, V = draft_logits.shape
     if K == 0:
@@ -203,7 +188,9 @@ def draft_uncertainty(
             raise ValueError(
                 f"batch shapes differ: drafts {tuple(draft_logits.shape)} vs target {tuple(target_logits.shape)}"
             )
-    draft_logits, target_logits, V = _shared_vocab(draft_logits, target_logits, vocab_size)
+    draft_logits, target_logits = _checks.shared_vocab(
+        vocab_size, {"draft_logits": draft_logits, "target_logits": target_logits})
+    V = draft_logits.shape[-1]
     # CPU weights are accepted for accelerator logits (copied); accelerator weights must match.
     device_weights = weights if isinstance(weights, Tensor) and weights.device.type != "cpu" else None
     device = _checks.check_same_device(draft_logits=draft_logits, target_logits=target_logits,
@@ -240,7 +227,7 @@ class DraftUncertaintyScorer:
         if self.num_drafts < 1:
             raise ValueError(f"num_drafts must be >= 1, got {num_drafts!r}")
         if vocab_size is not None:
-            _check_vocab_size(vocab_size)
+            _checks.check_vocab_size(vocab_size)
         self.settings = dict(weights=weights, temperature=_checks.check_temperature(temperature),
                              decompose=bool(decompose), vocab_size=vocab_size, backend=backend)
         self._weights = _checks.uniform_or_checked_weights(weights, self.num_drafts, self.device)
@@ -278,34 +265,6 @@ class DraftUncertaintyScorer:
         if cut is not None and draft.shape[-1] < cut:
             return False
         return not _through_dispatcher(draft, target)
-
-
-def _shared_vocab(draft: Tensor, target: Optional[Tensor], vocab_size: Optional[int]):
-    V = draft.shape[-1]
-    if vocab_size is not None:
-        _check_vocab_size(vocab_size)
-        sizes = [V] + ([] if target is None else [target.shape[-1]])
-        if min(sizes) < vocab_size:
-            raise ValueError(
-                f"vocab_size={vocab_size} exceeds the vocabulary of the logits "
-                f"(drafts {V}" + ("" if target is None else f", target {target.shape[-1]}") + ")"
-            )
-        draft = draft[..., :vocab_size]
-        target = None if target is None else target[..., :vocab_size]
-        V = vocab_size
-    elif target is not None and target.shape[-1] != V:
-        raise ValueError(
-            f"vocabulary mismatch: drafts have V={V}, target has V={target.shape[-1]}; "
-            "pass vocab_size= to compare the shared prefix of padded vocabularies"
-        )
-    if V == 0:
-        raise ValueError(f"the vocabulary is empty: drafts {tuple(draft.shape)}")
-    return draft, target, V
-
-
-def _check_vocab_size(vocab_size) -> None:
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-        raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
 
 
 def ensemble_uncertainty(

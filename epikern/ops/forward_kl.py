@@ -32,14 +32,13 @@ student_lse, teacher_lse, temperature, grad_student)``; ``grad_student`` may ali
 
 from __future__ import annotations
 
-import sys
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .. import backends
-from . import _checks
+from . import _checks, flops
 
 _REDUCTIONS = ("mean", "sum", "none")
 #: Elements of one ``[chunk, V]`` block of student logits in the fused-linear op (32 MiB fp32).
@@ -334,39 +333,29 @@ _fused_linear_sum_op.register_autograd(_fused_linear_sum_backward,
                                        setup_context=_fused_linear_sum_setup)
 
 
-# FLOPs of the GEMMs inside the fused-linear ops, for torch.utils.flop_counter.FlopCounterMode
-# (which cannot see into a custom op; like aten::mm, 2·N·d·V per GEMM, elementwise work uncounted).
-# Registered on the first call after torch.utils.flop_counter was imported (a counter can only be
-# active then): importing it ourselves would import triton with `import epikern`, before a caller
-# could switch on TRITON_INTERPRET.
-_flop_formulas_registered = False
+# FLOPs of the GEMMs inside the fused-linear ops for FlopCounterMode (ops/flops.py): like aten::mm,
+# 2·N·d·V per GEMM, elementwise work uncounted.
 
 
 def _gemm_flops(hidden_shape, weight_shape, gemms: int) -> int:
     return gemms * 2 * hidden_shape[0] * hidden_shape[1] * weight_shape[0]
 
 
-def _register_flop_formulas() -> None:
-    global _flop_formulas_registered
-    if _flop_formulas_registered or "torch.utils.flop_counter" not in sys.modules:
-        return
-    from torch.utils.flop_counter import register_flop_formula
+@flops.flop_formula("fused_linear_forward_kl")
+def _(hidden, weight, *args, out_shape=None, **kwargs) -> int:
+    return _gemm_flops(hidden, weight, 1)
 
-    @register_flop_formula(torch.ops.epikern.fused_linear_forward_kl)
-    def _(hidden, weight, *args, out_shape=None, **kwargs) -> int:
-        return _gemm_flops(hidden, weight, 1)
 
-    @register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_backward)
-    def _(grad_loss, hidden, weight, teacher, student_lse, teacher_lse, temperature, chunk_rows,
-          need_hidden, need_weight, backend, out_shape=None) -> int:
-        return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
+@flops.flop_formula("fused_linear_forward_kl_backward")
+def _(grad_loss, hidden, weight, teacher, student_lse, teacher_lse, temperature, chunk_rows,
+      need_hidden, need_weight, backend, out_shape=None) -> int:
+    return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
 
-    @register_flop_formula(torch.ops.epikern.fused_linear_forward_kl_sum)
-    def _(hidden, weight, teacher, keep, temperature, chunk_rows, need_hidden, need_weight,
-          backend, out_shape=None) -> int:
-        return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
 
-    _flop_formulas_registered = True
+@flops.flop_formula("fused_linear_forward_kl_sum")
+def _(hidden, weight, teacher, keep, temperature, chunk_rows, need_hidden, need_weight,
+      backend, out_shape=None) -> int:
+    return _gemm_flops(hidden, weight, 1 + int(need_hidden) + int(need_weight))
 
 
 # --------------------------------------------------------------------------------------------
@@ -414,9 +403,8 @@ def forward_kl(
     _checks.check_logits("student_logits", student_logits, min_dim=1)
     _checks.check_logits("teacher_logits", teacher_logits, min_dim=1)
     _check_same_rows("student_logits", student_logits, "teacher_logits", teacher_logits)
-    student_logits, teacher_logits = _shared_vocab(
-        student_logits.shape[-1], teacher_logits, vocab_size, student_logits
-    )
+    student_logits, teacher_logits = _checks.shared_vocab(
+        vocab_size, {"student_logits": student_logits, "teacher_logits": teacher_logits})
     temperature = _checks.check_temperature(temperature)
     _check_reduction(reduction)
     batch = student_logits.shape[:-1]
@@ -466,8 +454,7 @@ def fused_linear_forward_kl(
         backward pass recomputes each chunk's logits (4 GEMMs); without autograd only the
         forward GEMM runs.
     """
-    if not torch.compiler.is_compiling():
-        _register_flop_formulas()
+    flops.register_flop_formulas()
     _checks.check_logits("student_hidden", student_hidden, min_dim=1)
     _checks.check_logits("lm_head_weight", lm_head_weight, min_dim=2)
     _checks.check_logits("teacher_logits", teacher_logits, min_dim=1)
@@ -485,9 +472,9 @@ def fused_linear_forward_kl(
             f"and {lm_head_weight.dtype}"
         )
     _check_same_rows("student_hidden", student_hidden, "teacher_logits", teacher_logits)
-    lm_head_weight, teacher_logits = _shared_vocab(
-        lm_head_weight.shape[0], teacher_logits, vocab_size, lm_head_weight, vocab_dim=0
-    )
+    lm_head_weight, teacher_logits = _checks.shared_vocab(
+        vocab_size, {"lm_head_weight": lm_head_weight, "teacher_logits": teacher_logits},
+        vocab_dims={"lm_head_weight": 0})
     temperature = _checks.check_temperature(temperature)
     _check_reduction(reduction)
     batch = student_hidden.shape[:-1]
@@ -526,29 +513,6 @@ def _check_same_rows(a_name: str, a: Tensor, b_name: str, b: Tensor) -> None:
         raise ValueError(
             f"batch shapes differ: {a_name} {tuple(a.shape)} vs {b_name} {tuple(b.shape)}"
         )
-
-
-def _shared_vocab(V: int, teacher: Tensor, vocab_size: Optional[int], student: Tensor,
-                  vocab_dim: int = -1) -> tuple[Tensor, Tensor]:
-    """Cut the student (logits, or LM-head weight rows) and the teacher to a shared vocabulary."""
-    if vocab_size is not None:
-        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-            raise ValueError(f"vocab_size must be a positive int, got {vocab_size!r}")
-        if min(V, teacher.shape[-1]) < vocab_size:
-            raise ValueError(
-                f"vocab_size={vocab_size} exceeds the vocabulary of the inputs "
-                f"(student {V}, teacher {teacher.shape[-1]})"
-            )
-        return student.narrow(vocab_dim, 0, vocab_size), teacher[..., :vocab_size]
-    if teacher.shape[-1] != V:
-        raise ValueError(
-            f"vocabulary mismatch: student has V={V}, teacher_logits {tuple(teacher.shape)} has "
-            f"V={teacher.shape[-1]}; pass vocab_size= to compare the shared prefix of padded "
-            "vocabularies"
-        )
-    if V == 0:
-        raise ValueError(f"the vocabulary is empty: teacher_logits {tuple(teacher.shape)}")
-    return student, teacher
 
 
 def _check_reduction(reduction: str) -> None:

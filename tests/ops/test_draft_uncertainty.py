@@ -28,7 +28,7 @@ def _inputs(K=3, N=4, V=50, seed=0):
 @pytest.mark.parametrize("draft_shape,target_shape,match", [
     ((3, 4, 50), (2, 4, 50), r"target_logits must have rank 2"),
     ((3, 4, 50), (5, 50), r"batch shapes differ: drafts \(3, 4, 50\) vs target \(5, 50\)"),
-    ((3, 4, 50), (4, 60), r"vocabulary mismatch: drafts have V=50, target has V=60; pass vocab_size="),
+    ((3, 4, 50), (4, 60), r"vocabulary mismatch: draft_logits \(3, 4, 50\) has V=50, target_logits \(4, 60\) has V=60; pass vocab_size="),
     ((0, 4, 50), (4, 50), r"at least one draft \(K >= 1\), got shape \(0, 4, 50\)"),
     ((3,), None, r"draft_logits must have at least 2 dims, got shape \(3,\)"),
     ((3, 4, 0), (4, 0), r"vocabulary is empty"),
@@ -89,7 +89,7 @@ def test_vocab_size_compares_the_shared_prefix():
     out = ek.draft_uncertainty(d[..., :50].contiguous(), padded, vocab_size=50, backend="torch")
     ref = ek.draft_uncertainty(d[..., :50], t[:, :50], backend="torch")
     assert_close("eu", out.eu, ref.eu)
-    with pytest.raises(ValueError, match=r"vocab_size=70 exceeds the vocabulary of the logits \(drafts 60, target 64\)"):
+    with pytest.raises(ValueError, match=r"vocab_size=70 exceeds the vocabulary of the inputs \(draft_logits 60, target_logits 64\)"):
         ek.draft_uncertainty(d, padded, vocab_size=70)
 
 

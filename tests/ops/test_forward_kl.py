@@ -561,11 +561,11 @@ def test_fake_tensor_shapes():
                               r"\(2, 4, 50\)"),
     ((4, 50), (5, 50), {}, r"batch shapes differ: student_logits \(4, 50\) vs teacher_logits "
                            r"\(5, 50\)"),
-    ((4, 50), (4, 60), {}, r"vocabulary mismatch: student has V=50, teacher_logits \(4, 60\) has "
+    ((4, 50), (4, 60), {}, r"vocabulary mismatch: student_logits \(4, 50\) has V=50, teacher_logits \(4, 60\) has "
                            r"V=60; pass vocab_size="),
     ((4, 0), (4, 0), {}, r"the vocabulary is empty"),
     ((4, 50), (4, 60), {"vocab_size": 55}, r"vocab_size=55 exceeds the vocabulary of the inputs "
-                                           r"\(student 50, teacher 60\)"),
+                                           r"\(student_logits 50, teacher_logits 60\)"),
     ((4, 50), (4, 50), {"vocab_size": 0}, r"vocab_size must be a positive int, got 0"),
     ((4, 50), (4, 50), {"reduction": "avg"}, r"reduction must be 'mean', 'sum' or 'none', got "
                                              r"'avg'"),
@@ -626,7 +626,7 @@ def test_fused_linear_errors():
     with pytest.raises(TypeError, match=r"student_hidden and lm_head_weight must share a dtype, "
                                         r"got torch.float32 and torch.float16"):
         ek.fused_linear_forward_kl(h, w.half(), t)
-    with pytest.raises(ValueError, match=r"vocabulary mismatch: student has V=50, teacher_logits "
+    with pytest.raises(ValueError, match=r"vocabulary mismatch: lm_head_weight \(50, 8\) has V=50, teacher_logits "
                                          r"\(4, 49\) has V=49"):
         ek.fused_linear_forward_kl(h, w, t[:, :49])
     with pytest.raises(ValueError, match=r"batch shapes differ: student_hidden \(4, 8\) vs "

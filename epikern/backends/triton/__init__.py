@@ -41,7 +41,7 @@ def draft_uncertainty_out(
     draft_lse: Tensor,
     target_lse: Tensor,
 ) -> None:
-    """Backend entry point of ``draft_uncertainty`` (contract in :mod:`epikern.backends`)."""
+    """Backend entry point of ``draft_uncertainty`` (contract: :mod:`epikern.backends.contract`)."""
     check_available()
     from . import launch
 
