@@ -4,6 +4,8 @@
     epikern train drafts --target runs/target --out runs/ddd --ddd 2x2 [--shared-layers 1] [--quick]
     epikern train drafts --target runs/target --out runs/idd --ddd 2x2 --idd [--quick]
     epikern train drafts --target runs/target --out runs/ddd-osd --ddd 2x2 --osd [--quick]
+    epikern train drafts --target runs/target --out runs/psd --ddd 1x4 --idd --psd        # posterior samples
+    epikern train drafts --target runs/target --out runs/skip --ddd 2x2 --layer-skip      # self-speculative
     epikern train proxy  --target runs/target --out runs/proxy [--quick]
 
     # a real target on a CPU: few GSM8K prompts, short responses (or --responses reference)
@@ -65,6 +67,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     drafts.add_argument("--jitter", type=float, help="initial noise of a draft's branch, x rms(W) (default 0.02)")
     drafts.add_argument("--draft-init", metavar="MODEL",
                         help="initialise the drafts from this model (same vocabulary) instead of the target")
+    drafts.add_argument("--layer-skip", action="store_true",
+                        help="branch initialised from the target's LAST layers (a draft = the target minus its middle)")
+    drafts.add_argument("--psd", action="store_true", help="posterior-sample distillation: draft k imitates the target "
+                                                           "under its own fixed draw of TokUR's perturbation")
+    drafts.add_argument("--more-responses", type=int,
+                        help="extra responses per prompt sampled from the target (a larger distillation set)")
 
     proxy = recipes.add_parser("proxy", help="the OSD proxy: the target distilled to its perturbed average")
     _common(proxy)
@@ -103,7 +111,7 @@ def _distillation(p: argparse.ArgumentParser) -> None:
 _FIELDS = {"responses": "responses", "prompts": "prompts", "responses_per_prompt": "responses_per_prompt",
            "max_new_tokens": "max_new_tokens", "osd_members": "osd_members", "sigma": "sigma", "rank": "rank",
            "shared_layers": "shared_layers", "branch_layers": "branch_layers", "jitter": "jitter",
-           "draft_init": "draft_init"}
+           "draft_init": "draft_init", "more_responses": "more_responses"}
 _TRAIN_FIELDS = {"steps": "steps", "batch_size": "batch_size", "lr": "lr", "seed": "seed",
                  "checkpoint_every": "checkpoint_every"}
 
@@ -117,7 +125,8 @@ def recipe_from_args(args: argparse.Namespace):
     if "target" in fields:
         overrides["target"] = args.target
     if args.recipe == "drafts":
-        overrides.update(partitions=args.ddd[0], drafts_per_partition=args.ddd[1], idd=args.idd, osd=args.osd)
+        overrides.update(partitions=args.ddd[0], drafts_per_partition=args.ddd[1], idd=args.idd, osd=args.osd,
+                         psd=args.psd, layer_skip=args.layer_skip)
     if getattr(args, "layers", None) is not None:
         if args.layers < 1:
             raise ValueError(f"--layers must be >= 1, got {args.layers}")

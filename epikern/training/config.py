@@ -154,6 +154,14 @@ class DraftsRecipe:
         osd_members, sigma, rank: the perturbed teacher (members averaged per step, TokUR's noise).
         draft_init: an HF model to initialise the drafts from instead of the target (same
             vocabulary as the target; its own embedding and first S layers form the trunk).
+        layer_skip: initialise the branch from the source's **last** ``branch_layers`` layers
+            (``L − n .. L − 1``) instead of the layers right after the trunk, so that a draft starts
+            as the target with its middle skipped (a self-speculative draft).
+        psd: posterior-sample distillation: draft k is distilled from the target under its own
+            **fixed** draw of TokUR's perturbation (``sigma``, ``rank``; a fixed seed per draft,
+            different across drafts), a posterior sample, instead of the clean target.
+        more_responses: extra responses per prompt sampled from the target (temperature 1, a seed
+            of their own) for the prompts of a stored responses file: a larger distillation set.
         responses: where the distillation data came from (``"<dir>/responses.jsonl"``, ``"target"``
             for sampling from the target, or ``"reference"`` for GSM8K reference solutions).
         prompts, responses_per_prompt, max_new_tokens: for a target without stored responses, how
@@ -178,6 +186,21 @@ class DraftsRecipe:
     responses_per_prompt: int = 1
     max_new_tokens: int = 32
     train: TrainConfig = TrainConfig(steps=80, batch_size=16, lr=2e-3, warmup_steps=8, checkpoint_every=40)
+    layer_skip: bool = False
+    psd: bool = False
+    more_responses: int = 0
+
+    #: options added after the first recipes were cached: left out of :func:`to_dict` at their
+    #: defaults, so that the recipes (and cache keys) of earlier runs stay what they were
+    LATE_FIELDS = ("layer_skip", "psd", "more_responses")
+
+    def __post_init__(self):
+        if self.osd and self.psd:
+            raise ValueError("--osd and --psd are two different teachers (fresh noise every step vs one fixed "
+                             "draw per draft): choose one")
+        if isinstance(self.more_responses, bool) or not isinstance(self.more_responses, int) \
+                or self.more_responses < 0:
+            raise ValueError(f"more_responses must be an int >= 0, got {self.more_responses!r}")
 
     @property
     def num_drafts(self) -> int:
@@ -210,8 +233,14 @@ class ProxyRecipe:
 
 
 def to_dict(config) -> dict:
-    """A JSON-ready dict of a (nested) config dataclass."""
-    return json_ready(dataclasses.asdict(config))
+    """A JSON-ready dict of a (nested) config dataclass; its ``LATE_FIELDS`` only where they differ
+    from their defaults (:func:`from_dict` restores them)."""
+    out = json_ready(dataclasses.asdict(config))
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
+    for name in getattr(config, "LATE_FIELDS", ()):
+        if out[name] == defaults[name]:
+            del out[name]
+    return out
 
 
 def json_ready(value: Any) -> Any:

@@ -10,11 +10,14 @@
     "reference"   the GSM8K reference solutions of those prompts as the responses (one per prompt;
                   no generation, the cheap choice on a CPU)
 
+``more_responses`` (drafts only) adds that many responses per prompt, sampled from the target for
+the prompts of whichever set the source gave (a larger distillation set; a seed of their own).
 Whatever was generated is written to ``<out>/responses.jsonl``, so a resumed run reuses it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from ..data import load_gsm8k
@@ -58,17 +61,39 @@ def distillation_responses(recipe, target, tokenizer, out: Path, dist: Distribut
         ValueError: a responses file with token ids outside the target's vocabulary.
     """
     vocab = model_vocab_size(target)
-    if recipe.responses not in SOURCES:
+    more = getattr(recipe, "more_responses", 0)
+    if recipe.responses not in SOURCES and not more:
         return read_responses(Path(recipe.responses), vocab)
     stored = Path(out) / RESPONSES_NAME
     if dist.is_main and not stored.is_file():
-        problems = load_gsm8k("train")[:recipe.prompts]
-        if recipe.responses == "reference":
-            responses = reference_responses(tokenizer, problems)
+        if recipe.responses not in SOURCES:
+            responses = read_responses(Path(recipe.responses), vocab)
+        elif recipe.responses == "reference":
+            responses = reference_responses(tokenizer, load_gsm8k("train")[:recipe.prompts])
         else:
+            problems = load_gsm8k("train")[:recipe.prompts]
             responses = sample_responses(target, tokenizer, [p.question for p in problems], [p.final for p in problems],
                                          responses_per_prompt=recipe.responses_per_prompt,
                                          max_new_tokens=recipe.max_new_tokens, seed=recipe.train.seed)
+        if more:
+            responses += more_responses(target, tokenizer, responses, per_prompt=more,
+                                        max_new_tokens=recipe.max_new_tokens, seed=recipe.train.seed + 7919)
         write_responses(stored, responses)
     dist.barrier()
     return read_responses(stored, vocab)
+
+
+def more_responses(target, tokenizer, responses: list[Response], *, per_prompt: int, max_new_tokens: int,
+                   seed: int) -> list[Response]:
+    """``per_prompt`` new responses of ``target`` to each prompt of ``responses`` (temperature 1),
+    numbered after that prompt's existing samples; at most the longer of ``max_new_tokens`` and the
+    longest existing response."""
+    first = {}
+    for r in responses:
+        first.setdefault(r.prompt, r)
+    prompts = sorted(first)
+    taken = {p: 1 + max(r.sample for r in responses if r.prompt == p) for p in prompts}
+    cap = max(max_new_tokens, max(len(r.response_ids) for r in responses))
+    new = sample_responses(target, tokenizer, [first[p].question for p in prompts], [first[p].reference for p in prompts],
+                           responses_per_prompt=per_prompt, max_new_tokens=cap, seed=seed)
+    return [dataclasses.replace(r, prompt=prompts[r.prompt], sample=taken[prompts[r.prompt]] + r.sample) for r in new]

@@ -14,11 +14,15 @@ frozen, identical in every draft, so the K drafts stack into one :class:`~epiker
 that runs them once (S = 0 still shares the frozen embedding: a DraftEnsemble always does). The
 branch layers, final norm and LM head train, starting from the target's weights plus Gaussian
 jitter of ``jitter · rms(W)`` from the draft's seed. ``--draft-init PATH`` takes the drafts (and
-their trunk) from another model of the target's vocabulary instead.
+their trunk) from another model of the target's vocabulary instead. ``--layer-skip`` initialises
+the branch from the source's *last* n layers ``L − n .. L − 1`` instead of layers ``S .. S + n − 1``:
+a draft starts as the target with its middle skipped (self-speculative drafts).
 
 **Loss.** ``KL(p_target ‖ q_draft)`` on the response tokens (prompt and padding ignored) through
-``ek.fused_linear_forward_kl``; the teacher is the clean target (its logits cached per response) or,
-with ``--osd``, the mixture of ``osd_members`` perturbed targets with fresh noise every step.
+``ek.fused_linear_forward_kl``; the teacher is the clean target (its logits cached per response),
+with ``--osd`` the mixture of ``osd_members`` perturbed targets with fresh noise every step, or with
+``--psd`` (posterior-sample distillation) the target under draft k's own fixed draw of TokUR's
+perturbation (:func:`posterior_sample_noise`; its logits cached per response, like the clean ones).
 
 **Efficiency.** Each draft trains as its own small HF model (one after another; under torchrun the
 global batch is split across processes); the clean teacher's logits are computed once per response
@@ -37,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 import time
 from pathlib import Path
 from typing import Optional
@@ -53,7 +58,7 @@ from .config import DraftsRecipe, to_dict
 from .distill_data import distillation_responses, prompt_count, resolve_source
 from .distributed import Distributed, setup
 from .loop import train
-from .losses import CleanTeacher, ForwardKL, PerturbedTeacher, check_same_vocab
+from .losses import CleanTeacher, ForwardKL, PerturbedTeacher, PosteriorSampleTeacher, check_same_vocab
 from .outputs import claim, save_pretrained, write_json
 
 DRAFTS_NAME = "drafts.json"
@@ -69,26 +74,32 @@ def check_draft_layers(num_layers: int, shared_layers: int, branch_layers: int) 
 
 
 def build_draft(source: nn.Module, *, shared_layers: int, branch_layers: int, seed: int,
-                jitter: float) -> nn.Module:
+                jitter: float, layer_skip: bool = False) -> nn.Module:
     """A draft of ``source``'s architecture with ``S + n`` layers, initialised from ``source``.
 
-    The embedding and layers ``0..S-1`` are frozen (``requires_grad=False``); layers ``S..S+n-1``,
-    the final norm and the (untied) LM head train, perturbed by ``jitter · rms(W) · N(0, 1)`` noise
-    from ``torch.Generator().manual_seed(seed)``.
+    Draft layer i is source layer i for the trunk (i < S); the branch (``S ≤ i < S + n``) copies
+    source layer i, or with ``layer_skip`` source layer ``L − n + (i − S)`` (the last n layers). The
+    embedding and layers ``0..S-1`` are frozen (``requires_grad=False``); the branch, the final norm
+    and the (untied) LM head train, perturbed by ``jitter · rms(W) · N(0, 1)`` noise from
+    ``torch.Generator().manual_seed(seed)``.
 
     Raises:
         ValueError: ``S < 0``, ``n < 1``, or ``S + n`` more layers than ``source`` has.
     """
-    check_draft_layers(source.config.num_hidden_layers, shared_layers, branch_layers)
+    num_layers = source.config.num_hidden_layers
+    check_draft_layers(num_layers, shared_layers, branch_layers)
+    layers = draft_source_layers(num_layers, shared_layers, branch_layers, layer_skip)
     config = copy.deepcopy(source.config)
-    config.num_hidden_layers = shared_layers + branch_layers
+    config.num_hidden_layers = len(layers)
     config.tie_word_embeddings = False
     if getattr(config, "layer_types", None) is not None:
-        config.layer_types = config.layer_types[:config.num_hidden_layers]
+        config.layer_types = [config.layer_types[i] for i in layers]
     dtype = source.get_output_embeddings().weight.dtype
     draft = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = source.state_dict()
-    draft.load_state_dict({k: state[k] for k in draft.state_dict()}, strict=True)
+    layer_key = re.compile(r"(^|\.)layers\.(\d+)\.")
+    renamed = lambda key: layer_key.sub(lambda m: f"{m[1]}layers.{layers[int(m[2])]}.", key, count=1)  # noqa: E731
+    draft.load_state_dict({k: state[renamed(k)] for k in draft.state_dict()}, strict=True)
     frozen = [draft.get_decoder().embed_tokens, *draft.get_decoder().layers[:shared_layers]]
     for module in frozen:
         module.requires_grad_(False)
@@ -99,6 +110,26 @@ def build_draft(source: nn.Module, *, shared_layers: int, branch_layers: int, se
                 noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
                 p.add_((noise * jitter * p.float().pow(2).mean().sqrt()).to(p.dtype))
     return draft.to(source.device).train()
+
+
+def draft_source_layers(num_layers: int, shared_layers: int, branch_layers: int, layer_skip: bool) -> list[int]:
+    """The source layer of each draft layer: ``[0..S-1] + [S..S+n-1]``, or with ``layer_skip``
+    ``[0..S-1] + [L-n..L-1]``."""
+    first = num_layers - branch_layers if layer_skip else shared_layers
+    return list(range(shared_layers)) + list(range(first, first + branch_layers))
+
+
+def posterior_sample_noise(perturbation: Perturbation, seed: int) -> torch.Tensor:
+    """PSD's fixed draw ε ``[L, 2, r]`` of TokUR's perturbation for the draft of seed ``seed``.
+
+    One ε per layer and projection, the same at every token: with TokUR's clean-KV semantics a
+    token's distribution depends only on the noise at its own column, so every token of the
+    teacher is a sample of the ground truth's perturbation family, and the whole teacher is one
+    fixed member of it (a posterior sample).
+    """
+    L, two, _, _, _, r = perturbation.noise_shape(1, 1, 1)
+    generator = torch.Generator().manual_seed(seed * 65_537 + 0x95D)
+    return torch.randn((L, two, r), generator=generator)
 
 
 def check_ddd(partitions: int, drafts_per_partition: int) -> None:
@@ -153,17 +184,19 @@ def train_drafts(recipe: DraftsRecipe, out: Path, *, resume: bool = False, dist:
     drafts_plan = plan(recipe, len(prompts))
 
     clean = CleanTeacher(target)
-    perturbation = Perturbation(target, rank=recipe.rank, sigma=recipe.sigma) if recipe.osd else None
+    perturbation = Perturbation(target, rank=recipe.rank, sigma=recipe.sigma) if recipe.osd or recipe.psd else None
     drafts, report = [], []
     for entry in drafts_plan:
         k = entry["draft"]
         examples = [e for i in entry["prompts"] for e in by_prompt[prompts[i]]]
         draft = build_draft(source, shared_layers=recipe.shared_layers, branch_layers=recipe.branch_layers,
-                            seed=entry["seed"], jitter=recipe.jitter)
+                            seed=entry["seed"], jitter=recipe.jitter, layer_skip=recipe.layer_skip)
         generators, teacher = {}, clean
-        if perturbation is not None:
+        if recipe.osd:
             noise = torch.Generator(device=dist.device).manual_seed(entry["seed"] * 65_537 + dist.rank)
             generators, teacher = {"osd_noise": noise}, PerturbedTeacher(perturbation, recipe.osd_members, noise)
+        elif recipe.psd:
+            teacher = PosteriorSampleTeacher(perturbation, posterior_sample_noise(perturbation, entry["seed"]))
         checkpoint = out / "checkpoints" / f"draft-{k}.safetensors"
         result = train(ForwardKL(draft), examples, dataclasses.replace(recipe.train, seed=entry["seed"]),
                        pad_id=tokenizer.pad_token_id, run_config={**to_dict(recipe), "draft": k},
@@ -173,7 +206,8 @@ def train_drafts(recipe: DraftsRecipe, out: Path, *, resume: bool = False, dist:
         report.append({**entry, "examples": len(examples), "final_loss": result.losses[-1],
                        "first_loss": result.losses[0]})
     summary = {"num_drafts": len(drafts), "shared_layers": recipe.shared_layers, "idd": recipe.idd,
-               "osd": recipe.osd, "prompts": len(prompts), "responses": len(responses), "drafts": report,
+               "osd": recipe.osd, "psd": recipe.psd, "layer_skip": recipe.layer_skip, "prompts": len(prompts),
+               "responses": len(responses), "drafts": report,
                "seconds": time.perf_counter() - t0}
     if dist.is_main:
         ensemble = DraftEnsemble.from_models(drafts, shared_layers=recipe.shared_layers)

@@ -11,8 +11,9 @@ by the global count, so a batch split across processes gives the same mean as on
 A teacher maps a batch (and its examples) to the teacher's logits at the **counted rows only**,
 ``[N, V]`` in row-major order of ``labels != IGNORE`` (log-probabilities do as well: they are
 logits of the same distribution): :class:`CleanTeacher` (the target, each example's rows computed
-once and cached) or :class:`PerturbedTeacher` (OSD: the mixture of m perturbed targets, fresh noise
-every call).
+once and cached), :class:`PosteriorSampleTeacher` (PSD: the target under one fixed draw of TokUR's
+perturbation, cached the same way) or :class:`PerturbedTeacher` (OSD: the mixture of m perturbed
+targets, fresh noise every call).
 """
 
 from __future__ import annotations
@@ -83,16 +84,47 @@ class CleanTeacher:
     def __init__(self, target: nn.Module, cache: bool = True):
         self.target, self.cache = target, {} if cache else None
 
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The teacher's logits ``[B, T, V]`` of a whole batch."""
+        return self.target(input_ids=input_ids, attention_mask=attention_mask).logits
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor], examples: Sequence[Example]) -> Tensor:
         if self.cache is not None and all(e in self.cache for e in examples):
             return torch.cat([self.cache[e] for e in examples])
-        logits = self.target(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        rows = logits[batch["labels"] != IGNORE]
+        rows = self.logits(batch["input_ids"], batch["attention_mask"])[batch["labels"] != IGNORE]
         if self.cache is not None:
             for e, part in zip(examples, rows.split([e.num_targets for e in examples])):
                 self.cache[e] = part
         return rows
+
+
+class PosteriorSampleTeacher(CleanTeacher):
+    """PSD's teacher: the target under one **fixed** draw ε of TokUR's perturbation (a posterior sample).
+
+    The logits of :meth:`epikern.models.perturb.Perturbation.member_logits` (one perturbed member,
+    clean-KV semantics) with ε ``[L, 2, r]`` applied at every token, so the teacher is deterministic
+    and its rows are cached per example like the clean target's.
+
+    Args:
+        perturbation: a ``Perturbation`` of the target (TokUR's noise, SPEC §5).
+        noise: ε ``[L, 2, r]`` (:func:`epikern.training.drafts.posterior_sample_noise`).
+    """
+
+    def __init__(self, perturbation, noise: Tensor, cache: bool = True):
+        L, two, _, _, _, r = perturbation.noise_shape(1, 1, 1)
+        if tuple(noise.shape) != (L, two, r):
+            raise ValueError(f"a posterior sample's noise must be [L, 2, r] = [{L}, {two}, {r}], "
+                             f"got {tuple(noise.shape)}")
+        super().__init__(perturbation.model, cache)
+        self.perturbation, self.noise = perturbation, noise
+
+    def logits(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        B, T = input_ids.shape
+        L, two, r = self.noise.shape
+        eps = self.noise.to(input_ids.device)[:, :, None, None, None, :].expand(L, two, 1, B, T, r)
+        return self.perturbation.member_logits(input_ids, attention_mask, num_members=1, include_clean=False,
+                                               noise=eps)[0]
 
 
 class PerturbedTeacher:
