@@ -131,19 +131,21 @@ class Models:
 
 
 def _models(cfg: BenchConfig) -> Models:
-    from ..data import generate_splits, load_gsm8k
+    from ..data import SyntheticConfig, generate_splits, load_gsm8k
     from ..models import DraftEnsemble
     from ..models.loading import load_causal_lm
 
     device = torch.device(cfg.device)
     info, missing = {}, {}
+    from ..training.target import HELDOUT_NAME, read_heldout
+
     if cfg.real:
         target, tok = load_causal_lm(cfg.target, device=device)
         paths = {"target": cfg.target, "drafts": cfg.drafts, "idd_drafts": cfg.idd_drafts, "proxy": cfg.proxy}
-        heldout = None
+        stored = Path(cfg.target) / HELDOUT_NAME  # a target of `epikern train target`: its own held-out problems
+        heldout = [Question(r["question"], r["reference"]) for r in read_heldout(stored)] if stored.is_file() else None
     else:
         from ..training.pipeline import build_tiny
-        from ..training.target import read_heldout
 
         built = build_tiny(cfg.models_dir, quick=cfg.quick)
         target, tok = load_causal_lm(built.target, device=device)
@@ -159,11 +161,13 @@ def _models(cfg: BenchConfig) -> Models:
         if not paths[key]:
             missing[key] = f"not run: no {flag} was given"
     if cfg.dataset == "gsm8k":
-        problems = load_gsm8k("test", limit=cfg.problems)
+        problems, info["problem_source"] = load_gsm8k("test", limit=cfg.problems), "GSM8K test"
     elif heldout is not None:
         problems = list(heldout)[: cfg.problems]
+        info["problem_source"] = str(Path(paths["target"]) / HELDOUT_NAME)
     else:
-        problems = generate_splits(1, cfg.problems, seed=cfg.seed)[1]
+        problems = generate_splits(1, cfg.problems, SyntheticConfig(seed=cfg.seed))[1]
+        info["problem_source"] = f"generated (seed {cfg.seed})"
     info["paths"] = paths
     info["models"] = {name: _describe(m) for name, m in
                       (("target", target), ("drafts", ddd), ("idd_drafts", idd), ("proxy", proxy)) if m is not None}
