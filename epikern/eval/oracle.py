@@ -26,8 +26,11 @@ from torch import Tensor
 from ..models.estimator import nan_where_not
 from ..models.tokur import TokUR
 from ..ops import DraftUncertainty, draft_uncertainty
+from ..ops.draft_uncertainty import draft_uncertainty_flops
+from .cost import lm_flops_per_token
+from .estimators import Estimator
 
-__all__ = ["OracleDrafts"]
+__all__ = ["OracleDrafts", "oracle_method"]
 
 
 class OracleDrafts:
@@ -72,3 +75,18 @@ class OracleDrafts:
         # fields are [rows, T]; draft_lse is [K, rows, T]
         u = DraftUncertainty(*(torch.cat(field, dim=field[0].dim() - 2) for field in zip(*parts)))
         return u if attention_mask is None else nan_where_not(u, attention_mask.bool())
+
+
+def oracle_method(name: str, members: TokUR) -> Estimator:
+    """``eu`` of the oracle drafts as a benchmark :class:`~epikern.eval.estimators.Estimator`: K + 1
+    target forwards per token (the clean one generates it) and one ``draft_uncertainty`` call."""
+    oracle = OracleDrafts(members)
+    K, target = oracle.num_drafts, members.target
+
+    def extra(c: float) -> float:
+        return K * lm_flops_per_token(target, c) + draft_uncertainty_flops(K, 1, target.config.vocab_size, True, True)
+
+    return Estimator(name, lambda ids, mask, start=0: oracle.score(ids, mask).eu,
+                     lambda c: lm_flops_per_token(target, c) + extra(c), extra, True,
+                     f"oracle drafts: K={K} members of TokUR's perturbation (sigma {members.perturbation.sigma}, "
+                     f"seed {members.seed}) against the clean target, eu = jsd + kl")
