@@ -18,10 +18,11 @@ protocol), PRR, FLOPs per token ÷ TokUR's, the draft step's FLOPs ÷ the target
 speculative decoding pays), and the token means of jsd and kl. The references (TokUR M = 10, the
 target's entropy, the oracle drafts with K = 4) are scored once per σ.
 
-**Caching.** Drafts go to ``<cache>/sweep/<target>/drafts-<key>`` with ``key`` a hash of the
-whole recipe (the pipeline's own DDD and IDD drafts are re-used where the recipe is theirs), and
-every scored point to ``eval-<key>.json`` beside them (``key`` also hashing the evaluation
-settings), so a second run trains and scores nothing. Outputs in ``--out``: ``sweep.json``,
+**Caching.** Drafts go to ``<tiny build>/sweep/drafts-<key>`` with ``key`` a hash of the whole
+recipe (the pipeline's own DDD and IDD drafts are re-used where the recipe is theirs), and the
+token scores of every point and of the references to ``scores-<key>.npz`` beside them (``key``
+also hashing the evaluation settings), so a second run trains and scores nothing; the metrics are
+recomputed from the cached scores. Outputs in ``--out``: ``sweep.json``,
 ``sweep.md`` and the plots (:mod:`epikern.eval.sweep_plots`).
 """
 
@@ -31,6 +32,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 import warnings
@@ -200,22 +202,30 @@ def quality(scores: list[np.ndarray], truth: list[np.ndarray], wrong: np.ndarray
 # the run
 
 
-def _cached(path: Path, compute: Callable[[], dict]) -> tuple[dict, bool]:
-    """``path``'s JSON if it exists, else ``compute()`` written there; and whether it was computed."""
-    from .report import to_json_compatible
-
+def cached_scores(path: Path, compute: Callable[[], dict[str, list[np.ndarray]]]
+                  ) -> tuple[dict[str, list[np.ndarray]], bool]:
+    """Named per-response token scores from ``path`` (``.npz``: values and lengths per name), or
+    ``compute()``'s written there atomically; and whether they were computed."""
     if path.is_file():
-        return json.loads(path.read_text()), False
-    result = to_json_compatible(compute())
+        with np.load(path) as z:
+            names = [k[:-len("_values")] for k in z.files if k.endswith("_values")]
+            return {n: np.split(z[f"{n}_values"], np.cumsum(z[f"{n}_lengths"])[:-1]) for n in names}, False
+    scores = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
+    arrays = {}
+    for name, values in scores.items():
+        arrays[f"{name}_values"] = np.concatenate(values) if values else np.zeros(0)
+        arrays[f"{name}_lengths"] = np.array([len(v) for v in values], dtype=np.int64)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, **arrays)
     tmp.replace(path)
-    return result, True
+    return scores, True
 
 
 class Sweep:
-    """The target, its evaluation set, the caches and the references of each σ (scored once)."""
+    """The target, its evaluation set and the caches: the token scores of every point and of the
+    references of each σ are computed once (``scores-<key>.npz``); the metrics are recomputed from
+    them on every run (cheap), so a new metric applies to every cached point."""
 
     def __init__(self, cfg: SweepConfig):
         from ..models.loading import load_causal_lm
@@ -237,62 +247,58 @@ class Sweep:
                       self.built.drafts_ddd,
                       _key(to_dict(dataclasses.replace(pipeline.idd, target=str(self.built.target)))):
                       self.built.drafts_idd}
-        self.trained, self.scored, self._truth = [], [], {}
+        self.trained, self.scored = [], []
+
+    def _scores(self, what: str, key: dict, compute: Callable[[], dict]) -> dict[str, list[np.ndarray]]:
+        scores, computed = cached_scores(self.cache / f"scores-{_key({**self.settings, **key})}.npz", compute)
+        if computed:
+            self.scored.append(what)
+        return scores
 
     # -- references -------------------------------------------------------------------------
 
-    def _ensembles(self, sigma: float):
+    def _methods(self, sigma: float) -> dict:
+        """TokUR, the entropy, the oracle drafts, the ground truth and its independent second half."""
         from ..models.tokur import TokUR
-
-        cfg = self.cfg
-        tokur = TokUR(self.target, rank=cfg.rank, sigma=sigma, num_samples=cfg.tokur_samples, seed=cfg.seed)
-        return tokur, tokur.with_samples(cfg.ground_truth_samples, seed=cfg.seed + 1)
-
-    def truth(self, sigma: float) -> list[np.ndarray]:
-        """The ground truth's token EU at ``sigma`` (cached as ``truth-<key>.npz``)."""
-        if sigma not in self._truth:
-            path = self.cache / f"truth-{_key({**self.settings, 'sigma': sigma})}.npz"
-            if path.is_file():
-                with np.load(path) as z:
-                    self._truth[sigma] = np.split(z["values"], np.cumsum(z["lengths"])[:-1])
-            else:
-                _, truth = self._ensembles(sigma)
-                values = score(lambda ids, mask, start: truth.score(ids, mask, start=start).epistemic, self.data)
-                self._truth[sigma] = values["score"]
-                path.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(path, values=np.concatenate(values["score"]),
-                         lengths=np.array([len(v) for v in values["score"]]))
-        return self._truth[sigma]
-
-    def references(self, sigma: float) -> dict:
-        """TokUR, the target's entropy, the oracle drafts and the ground truth's split-half Pearson at ``sigma``."""
-        path = self.cache / f"references-{_key({**self.settings, 'sigma': sigma})}.json"
-        result, computed = _cached(path, lambda: self._references(sigma))
-        if computed:
-            self.scored.append(f"references sigma {sigma}")
-        return result
-
-    def _references(self, sigma: float) -> dict:
-        from . import metrics
         from .estimators import target_baselines, tokur_method
         from .oracle import oracle_method
 
-        tokur, _ = self._ensembles(sigma)
-        truth, wrong, c = self.truth(sigma), self.data.wrong, self.data.context
-        methods = [tokur_method("tokur", tokur), next(m for m in target_baselines(self.target) if m.name == "entropy"),
-                   oracle_method("oracle_drafts", tokur.with_samples(self.cfg.oracle_drafts + 1, seed=self.cfg.seed + 2))]
-        tokur_flops = methods[0].flops_per_token(c)
-        out = {}
-        for m in methods:
-            scores = score(m.score, self.data)["score"]
-            out[m.name] = {**quality(scores, truth, wrong, m.is_eu), "flops_per_token": m.flops_per_token(c),
-                           "flops_vs_tokur": m.flops_per_token(c) / tokur_flops, "description": m.description}
-        second = tokur.with_samples(self.cfg.ground_truth_samples, seed=self.cfg.seed + 3)
-        half = score(lambda ids, mask, start: second.score(ids, mask, start=start).epistemic, self.data)["score"]
+        cfg = self.cfg
+        tokur = TokUR(self.target, rank=cfg.rank, sigma=sigma, num_samples=cfg.tokur_samples, seed=cfg.seed)
+        entropy = next(m for m in target_baselines(self.target) if m.name == "entropy")
+        return {"tokur": tokur_method("tokur", tokur), "entropy": entropy,
+                "oracle_drafts": oracle_method("oracle_drafts", tokur.with_samples(cfg.oracle_drafts + 1,
+                                                                                   seed=cfg.seed + 2)),
+                "ground_truth": tokur_method("ground_truth", tokur.with_samples(cfg.ground_truth_samples,
+                                                                               seed=cfg.seed + 1)),
+                "ground_truth_2": tokur_method("ground_truth_2", tokur.with_samples(cfg.ground_truth_samples,
+                                                                                   seed=cfg.seed + 3))}
+
+    def reference_scores(self, sigma: float) -> tuple[dict, dict]:
+        """``(methods, token scores)`` of the references at ``sigma``."""
+        methods = self._methods(sigma)
+        scores = self._scores(f"references sigma {sigma}", {"references": sigma},
+                              lambda: {n: score(m.score, self.data)["score"] for n, m in methods.items()})
+        return methods, scores
+
+    def references(self, sigma: float) -> dict:
+        """Metrics of TokUR, the entropy and the oracle drafts at ``sigma``, and the ground truth's
+        split-half Pearson (two independent ensembles of M members)."""
+        from . import metrics
+
+        methods, scores = self.reference_scores(sigma)
+        truth, c = scores["ground_truth"], self.data.context
+        tokur_flops = methods["tokur"].flops_per_token(c)
+        out = {name: {**quality(scores[name], truth, self.data.wrong, methods[name].is_eu),
+                      "flops_per_token": methods[name].flops_per_token(c),
+                      "flops_vs_tokur": methods[name].flops_per_token(c) / tokur_flops,
+                      "description": methods[name].description}
+               for name in ("tokur", "entropy", "oracle_drafts")}
+        half = scores["ground_truth_2"]
         out["ground_truth"] = {"split_half_pearson": metrics.pearson(half, truth),
                                "split_half_spearman": metrics.spearman(half, truth),
                                "mean": float(np.mean(np.concatenate(truth))),
-                               "flops_vs_tokur": tokur_method("gt", second).flops_per_token(c) / tokur_flops}
+                               "flops_vs_tokur": methods["ground_truth"].flops_per_token(c) / tokur_flops}
         return out
 
     # -- points -----------------------------------------------------------------------------
@@ -312,37 +318,33 @@ class Sweep:
         return out, to_dict(recipe)
 
     def evaluate(self, point: SweepPoint) -> dict:
-        """The point's metrics (cached as ``eval-<key>.json``); a references-only point gives ``{}``."""
-        if point.drafts is None:
-            return {}
-        path, recipe = self.drafts(point)
-        key = _key({"recipe": recipe, "sigma": point.sigma, **self.settings})
-        result, computed = _cached(self.cache / f"eval-{key}.json", lambda: self._evaluate(path, point.sigma))
-        if computed:
-            self.scored.append(point.name)
-        return {**result, "drafts": str(path), "recipe": recipe}
-
-    def _evaluate(self, path: Path, sigma: float) -> dict:
+        """The point's metrics against the ground truth at its σ; a references-only point gives ``{}``."""
         from ..models import DraftEnsemble, DraftEstimator
         from .cost import draft_ensemble_flops_per_token, lm_flops_per_token
         from .estimators import draft_method
 
+        if point.drafts is None:
+            return {}
+        path, recipe = self.drafts(point)
         drafts = DraftEnsemble.from_pretrained(path).eval()
         estimator = DraftEstimator(self.target, drafts)
-        scores = score(lambda ids, mask, start: estimator.score(ids, mask), self.data, ("eu", "jsd", "kl"))
-        c, refs = self.data.context, self.references(sigma)
+        scores = self._scores(point.name, {"recipe": recipe},
+                              lambda: score(lambda ids, mask, start: estimator.score(ids, mask), self.data,
+                                            ("eu", "jsd", "kl")))
+        methods, refs = self.reference_scores(point.sigma)
+        c = self.data.context
         flops = draft_method("drafts", self.target, drafts).flops_per_token(c)
-        tokur_flops = refs["tokur"]["flops_per_token"]
         summary = json.loads((path / "drafts.json").read_text())
-        return {**quality(scores["eu"], self.truth(sigma), self.data.wrong, True),
+        return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True),
                 "jsd_mean": float(np.nanmean(np.concatenate(scores["jsd"]))),
                 "kl_mean": float(np.nanmean(np.concatenate(scores["kl"]))),
-                "flops_per_token": flops, "flops_vs_tokur": flops / tokur_flops,
+                "flops_per_token": flops, "flops_vs_tokur": flops / methods["tokur"].flops_per_token(c),
                 "draft_step_vs_target_step": draft_ensemble_flops_per_token(drafts, c)
                 / lm_flops_per_token(self.target, c),
                 "num_drafts": drafts.num_drafts, "shared_layers": drafts.shared_layers, "layers": drafts.num_layers,
                 "training_seconds": summary.get("seconds"),
-                "final_loss": float(np.mean([d["final_loss"] for d in summary["drafts"]]))}
+                "final_loss": float(np.mean([d["final_loss"] for d in summary["drafts"]])),
+                "drafts": str(path), "recipe": recipe}
 
 
 def selected_points(cfg: SweepConfig) -> list[SweepPoint]:
