@@ -6,6 +6,9 @@
                               every estimator with TokUR on FLOPs, latency and quality (report + plots)
     epikern bench kernels     the CPU kernel benchmark of draft_uncertainty vs eager and compiled PyTorch
     epikern bench speculative speculative decoding with EU vs plain target decoding (tokens/s, acceptance)
+    epikern bench sweep [--quick]
+                              drafts over capacity x diversity x the variants beyond the paper, scored
+                              against the ground truth (cached; sweep.json, sweep.md, plots)
     epikern train target|drafts|proxy ...
                               train the tiny target, DDD/IDD drafts or the OSD proxy (`epikern train -h`)
     epikern backends          which backends can run here, and why not
@@ -16,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-BENCHES = ("kernels", "speculative")
+BENCHES = ("kernels", "speculative", "sweep")
 
 
 def _backends(_args: argparse.Namespace) -> int:
@@ -39,7 +42,11 @@ def _backends(_args: argparse.Namespace) -> int:
 
 
 def _bench(argv: list[str]) -> int:
-    """``epikern bench [kernels|speculative] ...``: each benchmark parses its own options."""
+    """``epikern bench [kernels|speculative|sweep] ...``: each benchmark parses its own options."""
+    if argv and argv[0] == "sweep":
+        from .eval import sweep
+
+        return sweep.main(argv[1:])
     if argv and argv[0] == "kernels":
         from .eval import kernel_bench
 
@@ -60,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("bench", add_help=False,
-                   help="the end-to-end comparison; `bench kernels`, `bench speculative` (`epikern bench --help`)")
+                   help="the end-to-end comparison; `bench kernels`, `bench speculative`, `bench sweep` "
+                        "(`epikern bench --help`)")
     sub.add_parser("backends", help="list the backends and why one is unavailable")
     train_cli.add_parser(sub)
     argv = sys.argv[1:] if argv is None else list(argv)
