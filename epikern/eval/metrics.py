@@ -19,14 +19,15 @@ from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 from scipy import stats
-from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import roc_auc_score, roc_curve
-from sklearn.model_selection import StratifiedKFold, cross_val_predict
+from sklearn.model_selection import GroupKFold, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-__all__ = ["valid_tokens", "rmse", "pearson", "spearman", "token_metrics", "DEFAULT_FEATURES", "aggregate",
-           "CVAUROC", "auroc_lr", "auroc_tokur", "prr", "rejection_curve", "roc_points"]
+__all__ = ["valid_tokens", "rmse", "pearson", "spearman", "token_metrics", "calibrated_rmse", "DEFAULT_FEATURES",
+           "aggregate", "CVAUROC", "auroc_lr", "auroc_aggregates", "auroc_tokur", "prr", "rejection_curve",
+           "roc_points"]
 
 Responses = Union[np.ndarray, Sequence[np.ndarray]]
 
@@ -124,6 +125,41 @@ def token_metrics(pred: Responses, truth: Responses, mask: Optional[Responses] =
     return {"rmse": rmse(pred, truth, mask), "pearson": pearson(pred, truth, mask),
             "spearman": spearman(pred, truth, mask), "n_tokens": n_valid,
             "n_invalid": int(unmasked.sum()) - n_valid}
+
+
+def calibrated_rmse(terms: Sequence[Responses], truth: Responses, folds: int = 5) -> float:
+    """RMSE to ``truth`` of the best linear map of the EU terms, cross-fitted over responses.
+
+    ``truth_t ≈ Σ_j c_j · term_j,t`` (e.g. ``c_1·jsd + c_2·kl``: one coefficient per term, no
+    intercept, so a zero estimate stays zero) is fit by least squares
+    (``sklearn.linear_model.LinearRegression(fit_intercept=False)``) on the tokens of the other
+    folds of ``GroupKFold(folds)`` over responses, and each token is predicted by the map that did
+    not see its response. It separates the information in the terms from their scale: a term off
+    by a constant factor loses nothing here. Tokens with a non-finite value are left out.
+
+    Args:
+        terms: J score sets, each as :func:`rmse`'s ``pred`` (per-response arrays or flat).
+        truth: the ground truth, aligned with every term.
+        folds: folds over responses (fewer if there are fewer responses; NaN below 2).
+    """
+    if not terms:
+        raise ValueError("terms is empty: give at least one EU term (e.g. [jsd, kl])")
+    truth_r = _responses("truth", truth)
+    columns = [_responses(f"terms[{j}]", t) for j, t in enumerate(terms)]
+    for j, col in enumerate(columns):
+        if [len(r) for r in col] != [len(r) for r in truth_r]:
+            raise ValueError(f"terms[{j}] and truth differ in their response lengths")
+    X = np.column_stack([np.concatenate(col) if col else np.zeros(0) for col in columns])
+    y = np.concatenate(truth_r) if truth_r else np.zeros(0)
+    groups = np.repeat(np.arange(len(truth_r)), [len(r) for r in truth_r])
+    keep = np.isfinite(X).all(axis=1) & np.isfinite(y)
+    X, y, groups = X[keep], y[keep], groups[keep]
+    splits = min(folds, np.unique(groups).size)
+    if splits < 2:
+        warnings.warn("calibrated_rmse: fewer than 2 responses with finite tokens; returning NaN", stacklevel=2)
+        return math.nan
+    pred = cross_val_predict(LinearRegression(fit_intercept=False), X, y, groups=groups, cv=GroupKFold(splits))
+    return float(np.sqrt(np.mean((pred - y) ** 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -281,6 +317,25 @@ def auroc_lr(features: np.ndarray, wrong, folds: int = 5, seed: int = 0, C: floa
     cv = StratifiedKFold(n_splits=used, shuffle=True, random_state=seed)
     oof = cross_val_predict(model, X, y, cv=cv, method="predict_proba")[:, 1]
     return CVAUROC(float(roc_auc_score(y, oof)), oof, used, reason)
+
+
+def auroc_aggregates(token_scores: Responses, wrong, aggregates: Sequence[str] = ("mean", "max", "sum")
+                     ) -> dict[str, float]:
+    """AUROC of detecting wrong answers by each aggregate of the token scores alone (no fitting):
+    ``{"mean": ..., "max": ..., "sum": ...}`` (the names of :func:`aggregate`). NaN (with a warning)
+    for one class, or for an aggregate that is not finite for every response."""
+    X, names = aggregate(token_scores, aggregates)
+    y = _labels(wrong, X.shape[0])
+    reason = _single_class_reason(y)
+    out = {}
+    for name, column in zip(names, X.T):
+        if reason is not None or not np.isfinite(column).all():
+            warnings.warn(f"auroc_aggregates: {reason or f'{name} is not finite for every response'}; NaN",
+                          stacklevel=2)
+            out[name] = math.nan
+        else:
+            out[name] = float(roc_auc_score(y, column))
+    return out
 
 
 def auroc_tokur(token_scores: Responses, wrong) -> float:

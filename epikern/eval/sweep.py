@@ -184,22 +184,23 @@ def score(fn: Callable, data: EvalSet, fields: Sequence[str] = ()) -> dict[str, 
     return out
 
 
-def quality(scores: list[np.ndarray], truth: list[np.ndarray], wrong: np.ndarray, is_eu: bool) -> dict:
-    """RMSE (EU estimates only), Pearson and Spearman against ``truth``; AUROC (LR and TokUR's
-    protocol) and PRR of detecting wrong answers."""
+def quality(scores: list[np.ndarray], truth: list[np.ndarray], wrong: np.ndarray, is_eu: bool,
+            terms: Optional[Sequence[list[np.ndarray]]] = None) -> dict:
+    """Against ``truth``: RMSE and the calibrated RMSE of ``terms`` (default: the score itself; EU
+    estimates only), Pearson, Spearman. Detecting wrong answers: AUROC of the cross-validated
+    logistic regression, of the mean, max and sum alone, and of TokUR's protocol; PRR."""
     from . import metrics
 
     token = metrics.token_metrics(scores, truth)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         cv = metrics.auroc_lr(metrics.aggregate(scores)[0], wrong)
-        return {"rmse": token["rmse"] if is_eu else None, "pearson": token["pearson"], "spearman": token["spearman"],
-                "auroc_lr": cv.auroc, "auroc_tokur": metrics.auroc_tokur(scores, wrong),
+        return {"rmse": token["rmse"] if is_eu else None,
+                "rmse_calibrated": metrics.calibrated_rmse(terms or [scores], truth) if is_eu else None,
+                "pearson": token["pearson"], "spearman": token["spearman"], "auroc_lr": cv.auroc,
+                **{f"auroc_{k}": v for k, v in metrics.auroc_aggregates(scores, wrong).items()},
+                "auroc_tokur": metrics.auroc_tokur(scores, wrong),
                 "prr": metrics.prr(cv.scores, wrong) if np.isfinite(cv.scores).all() else None}
-
-
-# --------------------------------------------------------------------------------------------
-# the run
 
 
 def cached_scores(path: Path, compute: Callable[[], dict[str, list[np.ndarray]]]
@@ -335,7 +336,7 @@ class Sweep:
         c = self.data.context
         flops = draft_method("drafts", self.target, drafts).flops_per_token(c)
         summary = json.loads((path / "drafts.json").read_text())
-        return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True),
+        return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True, [scores["jsd"], scores["kl"]]),
                 "jsd_mean": float(np.nanmean(np.concatenate(scores["jsd"]))),
                 "kl_mean": float(np.nanmean(np.concatenate(scores["kl"]))),
                 "flops_per_token": flops, "flops_vs_tokur": flops / methods["tokur"].flops_per_token(c),

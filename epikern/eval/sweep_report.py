@@ -11,8 +11,10 @@ from typing import Mapping, Optional
 __all__ = ["format_sweep"]
 
 #: column → (header, format)
-COLUMNS = {"rmse": ("RMSE", ".3g"), "pearson": ("Pearson", ".3f"), "spearman": ("Spearman", ".3f"),
-           "auroc_lr": ("AUROC LR", ".3f"), "auroc_tokur": ("AUROC TokUR", ".3f"), "prr": ("PRR", ".3f"),
+COLUMNS = {"rmse": ("RMSE", ".3g"), "rmse_calibrated": ("RMSE cal.", ".3g"), "pearson": ("Pearson", ".3f"),
+           "spearman": ("Spearman", ".3f"), "auroc_lr": ("AUROC LR", ".3f"), "auroc_mean": ("AUROC mean", ".3f"),
+           "auroc_max": ("AUROC max", ".3f"), "auroc_sum": ("AUROC sum", ".3f"), "auroc_tokur": ("AUROC TokUR", ".3f"),
+           "prr": ("PRR", ".3f"),
            "flops_vs_tokur": ("FLOPs ÷ TokUR", ".3f"), "draft_step_vs_target_step": ("draft ÷ target step", ".2f"),
            "jsd_mean": ("jsd mean", ".3g"), "kl_mean": ("kl mean", ".3g")}
 
@@ -36,14 +38,16 @@ def format_sweep(sweep: Mapping) -> str:
              f"({sweep['target']['layers']} layers, accuracy {sweep['target']['heldout_accuracy']:.1%}); ground truth "
              f"M = {e['ground_truth_samples']}; {sweep['wall_s']:.0f} s on {cpu} "
              f"(trained {len(sweep['trained'])} point(s), scored {len(sweep['scored'])}).\n"]
-    ref_cols = ["rmse", "pearson", "spearman", "auroc_lr", "auroc_tokur", "prr", "flops_vs_tokur"]
+    ref_cols = ["rmse", "rmse_calibrated", "pearson", "spearman", "auroc_lr", "auroc_mean", "auroc_max", "auroc_sum",
+                "auroc_tokur", "prr", "flops_vs_tokur"]
     rows = []
     for sigma, refs in sweep["references"].items():
         for name in ("tokur", "entropy", "oracle_drafts"):
             rows.append([f"{name} (σ={sigma})"] + [_cell(refs[name].get(c), COLUMNS[c][1]) for c in ref_cols])
         gt = refs["ground_truth"]
-        rows.append([f"ground truth split-half (σ={sigma})", "–", _cell(gt["split_half_pearson"], ".3f"),
-                     _cell(gt["split_half_spearman"], ".3f"), "–", "–", "–", _cell(gt["flops_vs_tokur"], ".3f")])
+        cells = {"pearson": _cell(gt["split_half_pearson"], ".3f"), "spearman": _cell(gt["split_half_spearman"], ".3f"),
+                 "flops_vs_tokur": _cell(gt["flops_vs_tokur"], ".3f")}
+        rows.append([f"ground truth split-half (σ={sigma})"] + [cells.get(c, "–") for c in ref_cols])
     parts.append("## References\n\n" + _table(["method"] + [COLUMNS[c][0] for c in ref_cols], rows))
     cols = list(COLUMNS)
     rows = [[p["name"], p["group"], f"{p['sigma']:g}"] + [_cell(p.get(c), COLUMNS[c][1]) for c in cols]
