@@ -16,6 +16,8 @@ Methods (the names of ``report.json``):
 | ``entropy`` | ``H(p_target)`` | — |
 | ``maxprob`` | ``1 − max_v p_target(v)`` | — |
 | ``loglik`` | ``−log p_target(next token)`` (the sequence mean is the negated mean log-likelihood) | — |
+| ``length`` | 1 per generated token (its sum is the response length: long chains fail more often) | — |
+| ``oracle_drafts`` | ``eu`` of K perturbed target members as drafts (:mod:`epikern.eval.oracle`) | the clean target |
 
 FLOPs per generated token (:attr:`Estimator.flops_per_token`, one multiply-add = 2 FLOPs, analytic
 at the mean decode context) are the *whole* inference cost of producing the token and its score:
@@ -40,7 +42,7 @@ from ..models.tokur import TokUR
 from ..ops.draft_uncertainty import draft_uncertainty_flops
 from .cost import draft_ensemble_flops_per_token, lm_flops_per_token
 
-__all__ = ["Estimator", "draft_method", "tokur_method", "target_baselines", "response_scores"]
+__all__ = ["Estimator", "draft_method", "tokur_method", "target_baselines", "length_baseline", "response_scores"]
 
 
 @dataclass
@@ -130,6 +132,18 @@ def target_baselines(target: nn.Module) -> list[Estimator]:
 
         out.append(Estimator(name, score, lambda c: lm_flops_per_token(target, c), lambda c: 0.0, False, what))
     return out
+
+
+def length_baseline(target: nn.Module) -> Estimator:
+    """``length``: a score of 1 at every real position, so a response's summed score is its length
+    and its mean, max and quantiles are constant (the baseline that needs no model at all)."""
+
+    def score(ids, mask, start=0):
+        ones = torch.ones(ids.shape, dtype=torch.float32, device=ids.device)
+        return ones if mask is None else ones.masked_fill(~mask.bool(), float("nan"))
+
+    return Estimator("length", score, lambda c: lm_flops_per_token(target, c), lambda c: 0.0, False,
+                     "response length: 1 per generated token")
 
 
 def response_scores(scores: Tensor, prompt_len: int, generated_mask: Tensor) -> list[np.ndarray]:

@@ -191,9 +191,9 @@ def quality(scores: list[np.ndarray], truth: list[np.ndarray], wrong: np.ndarray
     logistic regression, of the mean, max and sum alone, and of TokUR's protocol; PRR."""
     from . import metrics
 
-    token = metrics.token_metrics(scores, truth)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # NaN where undefined (e.g. a constant score's correlation)
+        token = metrics.token_metrics(scores, truth)
         cv = metrics.auroc_lr(metrics.aggregate(scores)[0], wrong)
         return {"rmse": token["rmse"] if is_eu else None,
                 "rmse_calibrated": metrics.calibrated_rmse(terms or [scores], truth) if is_eu else None,
@@ -288,13 +288,17 @@ class Sweep:
         from . import metrics
 
         methods, scores = self.reference_scores(sigma)
+        from .estimators import length_baseline
+
+        length = length_baseline(self.target)  # no model run: scored here, not cached
+        methods, scores = {**methods, "length": length}, {**scores, "length": score(length.score, self.data)["score"]}
         truth, c = scores["ground_truth"], self.data.context
         tokur_flops = methods["tokur"].flops_per_token(c)
         out = {name: {**quality(scores[name], truth, self.data.wrong, methods[name].is_eu),
                       "flops_per_token": methods[name].flops_per_token(c),
                       "flops_vs_tokur": methods[name].flops_per_token(c) / tokur_flops,
                       "description": methods[name].description}
-               for name in ("tokur", "entropy", "oracle_drafts")}
+               for name in ("tokur", "entropy", "length", "oracle_drafts")}
         half = scores["ground_truth_2"]
         out["ground_truth"] = {"split_half_pearson": metrics.pearson(half, truth),
                                "split_half_spearman": metrics.spearman(half, truth),

@@ -60,3 +60,26 @@ def test_response_scores_pick_the_positions_that_predict_each_generated_token():
     out = E.response_scores(scores, 3, generated)
     np.testing.assert_array_equal(out[0], [2, 3, 4, 5])
     np.testing.assert_array_equal(out[1], [9, 10])
+
+
+def test_length_baseline_sums_to_the_response_length(setup):
+    target, _, ids, mask = setup
+    method = E.length_baseline(target)
+    scores = method.score(ids, mask)
+    assert torch.equal(scores[mask.bool()], torch.ones(int(mask.sum()))) and scores[1, :3].isnan().all()
+    generated = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    sums = [s.sum() for s in E.response_scores(scores, 5, generated)]
+    assert sums == [3.0, 2.0] and not method.is_eu and method.extra_flops_per_token(10.0) == 0
+
+
+@torch.no_grad()
+def test_oracle_method_scores_the_oracle_drafts_at_k_plus_one_forwards(setup):
+    from epikern.eval.oracle import OracleDrafts, oracle_method
+
+    target, _, ids, mask = setup
+    members = TokUR(target, rank=4, sigma=0.1, num_samples=5, seed=2)
+    method = oracle_method("oracle_drafts", members)
+    torch.testing.assert_close(method.score(ids, mask), OracleDrafts(members).score(ids, mask).eu, equal_nan=True)
+    c = 12.0
+    assert 4 * lm_flops_per_token(target, c) < method.extra_flops_per_token(c) < 5 * lm_flops_per_token(target, c)
+    assert method.is_eu
