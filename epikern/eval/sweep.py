@@ -248,7 +248,7 @@ class Sweep:
                       self.built.drafts_ddd,
                       _key(to_dict(dataclasses.replace(pipeline.idd, target=str(self.built.target)))):
                       self.built.drafts_idd}
-        self.trained, self.scored = [], []
+        self.trained, self.scored, self._perturbations = [], [], {}
 
     def _scores(self, what: str, key: dict, compute: Callable[[], dict]) -> dict[str, list[np.ndarray]]:
         scores, computed = cached_scores(self.cache / f"scores-{_key({**self.settings, **key})}.npz", compute)
@@ -260,20 +260,27 @@ class Sweep:
 
     def _methods(self, sigma: float) -> dict:
         """TokUR, the entropy, the oracle drafts, the ground truth and its independent second half."""
-        from ..models.tokur import TokUR
         from .estimators import target_baselines, tokur_method
         from .oracle import oracle_method
 
         cfg = self.cfg
-        tokur = TokUR(self.target, rank=cfg.rank, sigma=sigma, num_samples=cfg.tokur_samples, seed=cfg.seed)
         entropy = next(m for m in target_baselines(self.target) if m.name == "entropy")
-        return {"tokur": tokur_method("tokur", tokur), "entropy": entropy,
-                "oracle_drafts": oracle_method("oracle_drafts", tokur.with_samples(cfg.oracle_drafts + 1,
-                                                                                   seed=cfg.seed + 2)),
-                "ground_truth": tokur_method("ground_truth", tokur.with_samples(cfg.ground_truth_samples,
-                                                                               seed=cfg.seed + 1)),
-                "ground_truth_2": tokur_method("ground_truth_2", tokur.with_samples(cfg.ground_truth_samples,
-                                                                                   seed=cfg.seed + 3))}
+        return {"tokur": tokur_method("tokur", self._members(sigma, cfg.tokur_samples, cfg.seed)), "entropy": entropy,
+                "oracle_drafts": oracle_method("oracle_drafts",
+                                               self._members(sigma, cfg.oracle_drafts + 1, cfg.seed + 2)),
+                "ground_truth": tokur_method("ground_truth",
+                                             self._members(sigma, cfg.ground_truth_samples, cfg.seed + 1)),
+                "ground_truth_2": tokur_method("ground_truth_2",
+                                               self._members(sigma, cfg.ground_truth_samples, cfg.seed + 3))}
+
+    def _members(self, sigma: float, num_samples: int, seed: int):
+        """TokUR's ensemble of ``num_samples`` members at ``sigma`` (one SVD per σ, shared)."""
+        from ..models.perturb import Perturbation
+        from ..models.tokur import TokUR
+
+        if sigma not in self._perturbations:
+            self._perturbations[sigma] = Perturbation(self.target, self.cfg.rank, sigma)
+        return TokUR(self.target, None, None, num_samples, seed=seed, perturbation=self._perturbations[sigma])
 
     def reference_scores(self, sigma: float) -> tuple[dict, dict]:
         """``(methods, token scores)`` of the references at ``sigma``."""
@@ -287,18 +294,30 @@ class Sweep:
         split-half Pearson (two independent ensembles of M members)."""
         from . import metrics
 
-        methods, scores = self.reference_scores(sigma)
         from .estimators import length_baseline
+        from .oracle import OracleDrafts
 
+        methods, scores = self.reference_scores(sigma)
         length = length_baseline(self.target)  # no model run: scored here, not cached
         methods, scores = {**methods, "length": length}, {**scores, "length": score(length.score, self.data)["score"]}
+        oracle = OracleDrafts(self._members(sigma, self.cfg.oracle_drafts + 1, self.cfg.seed + 2))
+        terms = self._scores(f"oracle terms sigma {sigma}", {"oracle_terms": sigma},
+                             lambda: score(lambda ids, mask, start: oracle.score(ids, mask), self.data,
+                                           ("eu", "jsd", "kl")))
         truth, c = scores["ground_truth"], self.data.context
         tokur_flops = methods["tokur"].flops_per_token(c)
-        out = {name: {**quality(scores[name], truth, self.data.wrong, methods[name].is_eu),
+        out = {name: {**quality(scores[name], truth, self.data.wrong, methods[name].is_eu,
+                                [terms["jsd"], terms["kl"]] if name == "oracle_drafts" else None),
                       "flops_per_token": methods[name].flops_per_token(c),
                       "flops_vs_tokur": methods[name].flops_per_token(c) / tokur_flops,
                       "description": methods[name].description}
                for name in ("tokur", "entropy", "length", "oracle_drafts")}
+        out["oracle_drafts"].update(jsd_mean=float(np.nanmean(np.concatenate(terms["jsd"]))),
+                                    kl_mean=float(np.nanmean(np.concatenate(terms["kl"]))))
+        out["oracle_jsd"] = {**quality(terms["jsd"], truth, self.data.wrong, True),
+                             "flops_vs_tokur": out["oracle_drafts"]["flops_vs_tokur"],
+                             "description": "jsd alone of the oracle drafts: the mutual information of K perturbed "
+                                            "members (no clean member)"}
         half = scores["ground_truth_2"]
         out["ground_truth"] = {"split_half_pearson": metrics.pearson(half, truth),
                                "split_half_spearman": metrics.spearman(half, truth),

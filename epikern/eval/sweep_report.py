@@ -42,7 +42,7 @@ def format_sweep(sweep: Mapping) -> str:
                 "auroc_tokur", "prr", "flops_vs_tokur"]
     rows = []
     for sigma, refs in sweep["references"].items():
-        for name in ("tokur", "entropy", "length", "oracle_drafts"):
+        for name in ("tokur", "entropy", "length", "oracle_drafts", "oracle_jsd"):
             rows.append([f"{name} (σ={sigma})"] + [_cell(refs[name].get(c), COLUMNS[c][1]) for c in ref_cols])
         gt = refs["ground_truth"]
         cells = {"pearson": _cell(gt["split_half_pearson"], ".3f"), "spearman": _cell(gt["split_half_spearman"], ".3f"),

@@ -51,7 +51,7 @@ def test_every_point_is_scored_and_written(first):
     assert refs["tokur"]["flops_vs_tokur"] == 1 and refs["entropy"]["rmse"] is None
     assert refs["oracle_drafts"]["rmse"] >= 0 and -1 <= refs["ground_truth"]["split_half_pearson"] <= 1
     assert saved["references"]["0.2"]["ground_truth"]["mean"] > refs["ground_truth"]["mean"]  # more noise, more EU
-    assert len(saved["trained"]) == 5 and len(saved["scored"]) == 6 + 2  # 6 draft points, references of 2 σ
+    assert len(saved["trained"]) == 5 and len(saved["scored"]) == 6 + 2 + 2  # 6 draft points; references, oracle terms of 2 σ
     md = (sweep.Path(cfg.out) / "sweep.md").read_text()
     assert "| PSD 1x4 | variants |" in md and "split-half" in md
     for title, path in saved["plots"].items():
