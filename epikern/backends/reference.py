@@ -79,8 +79,11 @@ def draft_uncertainty(
         target_lse = torch.logsumexp(y, dim=-1)
         log_p = y - target_lse.unsqueeze(-1)
         target_entropy = -_plogq(log_p.exp(), log_p).sum(-1)
-        # KL(q_k ‖ p) = Σ_v q_kv (log q_kv − log p_v); q_kv = 0 terms vanish, p_v = 0 gives +inf.
-        kl_to_target = _plogq(q, log_q - log_p).sum(-1)  # [K, N]
+        # KL(q_k ‖ p) = Σ_v q_kv (log q_kv − log p_v); q_kv = 0 terms vanish, p_v = 0 gives +inf,
+        # also where q_kv > 0 underflows to 0 in float32 (log q_kv finite, > 90 nats below the max)
+        log_ratio = log_q - log_p
+        kl_to_target = torch.where(log_ratio == float("inf"), log_ratio,
+                                   _plogq(q, log_ratio)).sum(-1)  # [K, N]
         eu = _weighted_sum(w, kl_to_target)
     else:
         target_lse = target_entropy = eu = nan

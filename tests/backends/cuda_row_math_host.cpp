@@ -12,6 +12,7 @@
 // weights[K]; float32 draft[K][N][V]; float32 target[N][V] if has_p.
 // stdout: float32 stats[6][N], draft_lse[K][N], target_lse[N].
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -25,8 +26,13 @@ using namespace epikern::gpu;
 
 namespace {
 
+// e^x as the device computes it (common.cuh): ex2.approx.ftz of x·log2(e), whose results below
+// 2^−126 (x < −87.3) are flushed to 0.
 struct Exp {
-  float operator()(float x) const { return expf(x); }
+  float operator()(float x) const {
+    const float y = exp2f(x * 1.4426950408889634f);
+    return y < FLT_MIN ? 0.f : y;  // false for NaN: NaN stays
+  }
 };
 struct Log {
   float operator()(float x) const { return logf(x); }

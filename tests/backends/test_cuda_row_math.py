@@ -118,3 +118,21 @@ def test_infinite_and_nan_rows(emulate):
     out = emulate(draft, target)
     assert_close_stats(out, reference_stats(draft, target))
     assert_special_rows(out)
+
+
+@pytest.mark.parametrize("spread", [95.0, 120.0])
+def test_masked_reference_past_the_flush(emulate, spread):
+    """Mass at an entry where the reference is −inf, then a logit ``spread`` nats higher: the
+    device exp flushes the rescale factor to 0 (below −87.3 nats) and 0·(c = +inf) would be NaN;
+    eu is +inf (the float64 reference's value) and nothing is NaN."""
+    V = 1000
+    draft = make_logits((2, 3, V), "normal", generator=_gen(8))
+    target = make_logits((3, V), "normal", generator=_gen(9))
+    draft[:, :, 1] = 0.0
+    target[:, 1] = -math.inf
+    draft[:, :, V - 2] = spread
+    out = emulate(draft, target)
+    assert torch.isposinf(reference_stats(draft, target)["eu"]).all()
+    for field in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):
+        assert not getattr(out, field).isnan().any(), f"NaN in {field}"
+    assert torch.isposinf(out.eu).all(), out.eu

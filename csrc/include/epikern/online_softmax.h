@@ -8,6 +8,9 @@
 //     lse = m + log s,   H(q) = log s − t/s,   KL(q ‖ p) = c/s − lse_q + lse_p
 //   Rescaling to a new origin m' ≥ m (a = e^{m−m'}):
 //     s' = a·s,   t' = a·(t + (m − m')·s),   c' = a·c          (nothing to do while s = 0)
+//   c = +inf (mass where the reference is −inf) stays +inf: a > 0 in exact arithmetic, but an
+//   exponential that flushes (the device's ex2.approx.ftz below d ≈ −87.3, or any exp below −104)
+//   returns 0, and 0·inf would be NaN.
 //   Two partial states over disjoint parts of a row merge by rescaling both to max(m_a, m_b) and
 //   adding.
 //
@@ -66,7 +69,7 @@ EPIKERN_INLINE void softmax_rescale(SoftmaxState& st, float m_new, ExpFn exp_fn)
     const float a = exp_fn(d);
     st.t = a * (st.t + d * st.s);
     st.s = a * st.s;
-    st.c = a * st.c;
+    st.c = st.c == INFINITY ? st.c : a * st.c;
   }
   st.m = m;
 }

@@ -72,7 +72,8 @@ def _forward_kl_fwd_kernel(
         term = tl.where(d == float("inf"), d, e * d)
         rescale = tl.exp(m_t - ref_t)
         z_t = z_t * rescale + e
-        a = a * rescale + term
+        # a = +inf (teacher mass on a −inf student logit) stays +inf when the rescale underflows
+        a = tl.where(a == float("inf"), a, a * rescale) + term
         m_t = new_t
     sum_s = tl.sum(z_s, axis=0)
     sum_t = tl.sum(z_t, axis=0)
