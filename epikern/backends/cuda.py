@@ -41,12 +41,20 @@ def _module() -> ModuleType:
 
 
 def check_available() -> None:
-    """Raise :class:`BackendUnavailableError` unless the module imports and a device is usable."""
-    _module()
+    """Raise :class:`BackendUnavailableError` unless the module imports and a device is usable,
+    both by torch and by the module's own CUDA runtime (a driver older than the runtime the module
+    was built with shows it no device, while torch's may still run)."""
+    module = _module()
     if not torch.cuda.is_available():
         raise BackendUnavailableError(
             "backend 'cuda' needs a CUDA device: torch.cuda.is_available() is False "
             f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})"
+        )
+    if module.device_count() == 0:
+        raise BackendUnavailableError(
+            "backend 'cuda' is unavailable: epikern._cuda sees no CUDA device although torch does "
+            "(is the driver older than the CUDA runtime epikern._cuda was built with? rebuild it "
+            "against this driver's CUDA, or let automatic selection use 'triton')"
         )
 
 

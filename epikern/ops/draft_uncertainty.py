@@ -223,7 +223,10 @@ class DraftUncertaintyScorer:
     def __init__(self, num_drafts: int, device: Union[str, torch.device], *,
                  weights: Union[None, Sequence[float], Tensor] = None, temperature: float = 1.0,
                  decompose: bool = True, vocab_size: Optional[int] = None, backend: Optional[str] = None):
-        self.num_drafts, self.device = int(num_drafts), torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors say "cuda:<current>", never "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.num_drafts, self.device = int(num_drafts), device
         if self.num_drafts < 1:
             raise ValueError(f"num_drafts must be >= 1, got {num_drafts!r}")
         if vocab_size is not None:
