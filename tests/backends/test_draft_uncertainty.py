@@ -19,10 +19,10 @@ BACKENDS = [
     pytest.param(("torch", "cpu"), id="torch"),
     pytest.param(("cpu", "cpu"), id="cpu"),
     pytest.param(("cuda", "cuda"), id="cuda",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="backend 'cuda' needs a CUDA GPU")),
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="backend 'cuda' needs a CUDA GPU")]),
     pytest.param(("triton", "cuda"), id="triton-gpu",
-                 marks=pytest.mark.skipif(not HAS_CUDA, reason="Triton on GPU needs a CUDA GPU "
-                                          "(CPU interpreter: test_triton_interpret.py)")),
+                 marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="Triton on GPU needs a CUDA GPU "
+                                                            "(CPU interpreter: test_triton_interpret.py)")]),
 ]
 
 

@@ -31,10 +31,11 @@ BACKENDS = [
     pytest.param(("torch", "cpu", {}), id="torch"),
     pytest.param(("cpu", "cpu", {}), id="cpu"),
     pytest.param(("triton", "cuda" if HAS_CUDA else "cpu",
-                  {"EPIKERN_TRITON_PATH": "row", "EPIKERN_TRITON_BLOCK_V": "256"}), id="triton-row"),
+                  {"EPIKERN_TRITON_PATH": "row", "EPIKERN_TRITON_BLOCK_V": "256"}), id="triton-row",
+                 marks=pytest.mark.triton),
     pytest.param(("triton", "cuda" if HAS_CUDA else "cpu",
                   {"EPIKERN_TRITON_PATH": "split", "EPIKERN_TRITON_BLOCK_V": "128",
-                   "EPIKERN_TRITON_CHUNKS": "3"}), id="triton-split"),
+                   "EPIKERN_TRITON_CHUNKS": "3"}), id="triton-split", marks=pytest.mark.triton),
     pytest.param(("cuda", "cuda", {"EPIKERN_CUDA_PATH": "split"}), id="cuda-split", marks=gpu),
     pytest.param(("cuda", "cuda", {"EPIKERN_CUDA_PATH": "auto"}), id="cuda-auto", marks=gpu),
 ]

@@ -25,11 +25,13 @@ from tests._cases import KINDS, assert_close, assert_close_stats, make_logits, r
 
 pytest.importorskip("triton")
 # numpy's warnings for the guarded −inf arithmetic the interpreter evaluates on masked lanes
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-gpu_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
+needs_gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (compiled Triton kernels)")
+gpu_only = [pytest.mark.gpu, needs_gpu]
 
 #: path → environment overrides that force it with small blocks and several chunks
 PATHS = {
@@ -268,7 +270,8 @@ def test_cpu_tensors_without_interpreter_raise_clearly():
     assert lines[1].startswith("set too late -> ") and "compiled for the GPU" in lines[1]
 
 
-@gpu_only
+@pytest.mark.gpu
+@needs_gpu
 def test_int64_offsets():
     """N·V > 2³¹ elements: the last rows read past the int32 range."""
     N, V = 16800, 128256
@@ -284,7 +287,8 @@ def test_int64_offsets():
         assert_close(name, got[..., tail], expected)
 
 
-@gpu_only
+@pytest.mark.gpu
+@needs_gpu
 def test_torch_compile_fullgraph():
     g = _gen(21)
     draft = make_logits((4, 2, 3, 1023), "normal", dtype=torch.bfloat16, generator=g).cuda()

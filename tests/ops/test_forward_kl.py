@@ -50,6 +50,10 @@ def _backend_param(name: str, device: str):
         if not reason and name == "triton" and device == "cpu" and not INTERPRET:
             reason = "Triton on CPU needs TRITON_INTERPRET=1"
     marks = [pytest.mark.skip(reason=reason)] if reason else []
+    if device == "cuda":
+        marks.append(pytest.mark.gpu)
+    if name == "triton":
+        marks.append(pytest.mark.triton)
     return pytest.param((name, device), id=f"{name}-{device}", marks=marks)
 
 
