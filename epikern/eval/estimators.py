@@ -39,6 +39,7 @@ from ..models.draft_ensemble import DraftEnsemble
 from ..models.estimator import DraftEstimator, lm_logits
 from ..models.masks import position_ids_from_mask
 from ..models.tokur import TokUR
+from ..ops import DraftUncertainty
 from ..ops.draft_uncertainty import draft_uncertainty_flops
 from .cost import draft_ensemble_flops_per_token, lm_flops_per_token
 
@@ -57,6 +58,9 @@ class Estimator:
         extra_flops_per_token: the same beyond the target's own forward (plain decoding).
         is_eu: an epistemic-uncertainty estimate (its RMSE to the ground truth is meaningful).
         description: one line for the report.
+        terms: for the draft methods, the same call as ``score`` returning the whole
+            :class:`~epikern.DraftUncertainty` (``eu`` is ``score``; ``jsd`` and ``kl`` are the terms of
+            the calibrated RMSE); None for the others.
     """
 
     name: str
@@ -65,6 +69,7 @@ class Estimator:
     extra_flops_per_token: Callable[[float], float]
     is_eu: bool
     description: str
+    terms: Optional[Callable[[Tensor, Tensor, int], DraftUncertainty]] = None
 
 
 def draft_method(name: str, target: nn.Module, drafts: DraftEnsemble, reference: Optional[nn.Module] = None,
@@ -80,7 +85,8 @@ def draft_method(name: str, target: nn.Module, drafts: DraftEnsemble, reference:
     against = "the target" if reference is None else "the OSD proxy"
     return Estimator(name, lambda ids, mask, start=0: est.score(ids, mask).eu,
                      lambda c: lm_flops_per_token(target, c) + extra(c), extra, True,
-                     f"K={K} drafts (S={drafts.shared_layers} shared layers), eu = jsd + kl against {against}")
+                     f"K={K} drafts (S={drafts.shared_layers} shared layers), eu = jsd + kl against {against}",
+                     lambda ids, mask, start=0: est.score(ids, mask))
 
 
 def tokur_method(name: str, tokur: TokUR) -> Estimator:

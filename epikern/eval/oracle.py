@@ -89,4 +89,5 @@ def oracle_method(name: str, members: TokUR) -> Estimator:
     return Estimator(name, lambda ids, mask, start=0: oracle.score(ids, mask).eu,
                      lambda c: lm_flops_per_token(target, c) + extra(c), extra, True,
                      f"oracle drafts: K={K} members of TokUR's perturbation (sigma {members.perturbation.sigma}, "
-                     f"seed {members.seed}) against the clean target, eu = jsd + kl")
+                     f"seed {members.seed}) against the clean target, eu = jsd + kl",
+                     lambda ids, mask, start=0: oracle.score(ids, mask))

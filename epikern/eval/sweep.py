@@ -295,15 +295,12 @@ class Sweep:
         from . import metrics
 
         from .estimators import length_baseline
-        from .oracle import OracleDrafts
 
         methods, scores = self.reference_scores(sigma)
         length = length_baseline(self.target)  # no model run: scored here, not cached
         methods, scores = {**methods, "length": length}, {**scores, "length": score(length.score, self.data)["score"]}
-        oracle = OracleDrafts(self._members(sigma, self.cfg.oracle_drafts + 1, self.cfg.seed + 2))
         terms = self._scores(f"oracle terms sigma {sigma}", {"oracle_terms": sigma},
-                             lambda: score(lambda ids, mask, start: oracle.score(ids, mask), self.data,
-                                           ("eu", "jsd", "kl")))
+                             lambda: score(methods["oracle_drafts"].terms, self.data, ("eu", "jsd", "kl")))
         truth, c = scores["ground_truth"], self.data.context
         tokur_flops = methods["tokur"].flops_per_token(c)
         out = {name: {**quality(scores[name], truth, self.data.wrong, methods[name].is_eu,
@@ -343,7 +340,7 @@ class Sweep:
 
     def evaluate(self, point: SweepPoint) -> dict:
         """The point's metrics against the ground truth at its σ; a references-only point gives ``{}``."""
-        from ..models import DraftEnsemble, DraftEstimator
+        from ..models import DraftEnsemble
         from .cost import draft_ensemble_flops_per_token, lm_flops_per_token
         from .estimators import draft_method
 
@@ -351,13 +348,11 @@ class Sweep:
             return {}
         path, recipe = self.drafts(point)
         drafts = DraftEnsemble.from_pretrained(path).eval()
-        estimator = DraftEstimator(self.target, drafts)
-        scores = self._scores(point.name, {"recipe": recipe},
-                              lambda: score(lambda ids, mask, start: estimator.score(ids, mask), self.data,
-                                            ("eu", "jsd", "kl")))
+        method = draft_method("drafts", self.target, drafts)
+        scores = self._scores(point.name, {"recipe": recipe}, lambda: score(method.terms, self.data, ("eu", "jsd", "kl")))
         methods, refs = self.reference_scores(point.sigma)
         c = self.data.context
-        flops = draft_method("drafts", self.target, drafts).flops_per_token(c)
+        flops = method.flops_per_token(c)
         summary = json.loads((path / "drafts.json").read_text())
         return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True, [scores["jsd"], scores["kl"]]),
                 "jsd_mean": float(np.nanmean(np.concatenate(scores["jsd"]))),

@@ -83,3 +83,13 @@ def test_oracle_method_scores_the_oracle_drafts_at_k_plus_one_forwards(setup):
     c = 12.0
     assert 4 * lm_flops_per_token(target, c) < method.extra_flops_per_token(c) < 5 * lm_flops_per_token(target, c)
     assert method.is_eu
+
+
+@torch.no_grad()
+def test_draft_terms_are_the_whole_draft_uncertainty_of_the_same_call(setup):
+    target, drafts, ids, mask = setup
+    method = E.draft_method("drafts_ddd", target, drafts)
+    u = method.terms(ids, mask)
+    torch.testing.assert_close(u.eu, method.score(ids, mask), equal_nan=True)
+    torch.testing.assert_close(u.jsd + u.kl, u.eu, equal_nan=True, atol=1e-5, rtol=1e-5)
+    assert all(m.terms is None for m in E.target_baselines(target))
