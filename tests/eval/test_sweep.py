@@ -88,3 +88,14 @@ def test_pareto_front():
     auroc = [0.6, 0.7, 0.65, 0.55, 0.9]
     assert pareto_front(cost, auroc, higher_is_better=True) == [0, 1]
     assert pareto_front(cost, [1.0, 0.5, 0.2, 2.0, 0.1], higher_is_better=False) == [0, 1, 2]
+
+
+def test_cli_lists_the_points_and_refuses_unknown_ones(capsys):
+    from epikern import cli
+
+    assert cli.main(["bench", "sweep", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "PSD 1x4" in out and "layer-skip S1 n1" in out and "3x3" in out
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "sweep", "--points", "nope"])
+    assert "unknown sweep points" in capsys.readouterr().err
