@@ -7,7 +7,9 @@ The outputs live under ``<out_dir>/tiny-<key>/`` where ``key`` hashes every reci
 (so a changed preset trains afresh, and ``--quick`` and default runs coexist); ``pipeline.json``,
 written last, marks a complete build and holds its paths, metrics and timings. A second call with
 the same recipes finds it and trains nothing. A killed build resumes stage by stage (each stage
-resumes from its own checkpoints). The default ``out_dir`` is ``<cache_dir()>/tiny``
+resumes from its own checkpoints). A stage whose recipe equals that of a finished stage of another
+build in the same ``out_dir`` (the target, when only the drafts' recipes changed) is copied from
+it instead of trained again (:func:`reuse_stage`). The default ``out_dir`` is ``<cache_dir()>/tiny``
 (``$EPIKERN_CACHE_DIR``, else ``~/.cache/epikern``). Concurrent builds of one key are not supported.
 """
 
@@ -123,6 +125,9 @@ def _build(root: Path, label: str, pipeline: TinyPipeline, progress: bool, dist:
             stages.append((name, run, dataclasses.replace(recipe, target=str(target_dir)), root / name, done))
     for name, run, recipe, out, done in stages:
         start = time.perf_counter()
+        if not (out / done).is_file() and dist.is_main:
+            reuse_stage(root, name, recipe, out, done)
+        dist.barrier()
         if (out / done).is_file():
             metrics[name] = json.loads((out / done).read_text())
             continue
@@ -142,6 +147,33 @@ def _build(root: Path, label: str, pipeline: TinyPipeline, progress: bool, dist:
         write_json(marker, record)
     dist.barrier()
     return _models(root, record)
+
+
+def reuse_stage(root: Path, name: str, recipe, out: Path, done: str) -> Optional[Path]:
+    """Copy stage ``name`` of another finished build under ``root.parent`` whose recipe is
+    ``recipe`` exactly (e.g. the target of a build whose drafts recipe changed) into ``out``.
+
+    Only stages whose recipe names no path of their build can match (the target's); the copy is
+    made under a temporary name and renamed, so a killed copy leaves nothing half-done.
+    Returns the stage copied, or None.
+    """
+    wanted = to_dict(recipe)
+    for other in sorted(root.parent.glob(f"tiny-*/{name}")):
+        if other.parent == root or not (other / done).is_file() or not (other.parent / PIPELINE_NAME).is_file():
+            continue
+        try:
+            same = json.loads((other / RECIPE_NAME).read_text()) == wanted
+        except (OSError, json.JSONDecodeError):
+            continue
+        if same:
+            if out.exists():
+                shutil.rmtree(out)
+            partial = out.with_name(out.name + ".copying")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(other, partial)
+            partial.rename(out)
+            return other
+    return None
 
 
 def diagnose(models: TinyModels, proxy: ProxyRecipe, *, jsd_examples: int = 128, kl_examples: int = 32,

@@ -74,3 +74,16 @@ def test_default_and_quick_pipelines_differ_only_in_size():
     assert (default.ddd.partitions, default.ddd.drafts_per_partition, default.ddd.shared_layers) == (2, 2, 1)
     assert default.idd == dataclasses.replace(default.ddd, idd=True)
     assert quick.target.train.steps < default.target.train.steps
+
+
+def test_a_build_whose_drafts_changed_copies_the_finished_target(tmp_path, monkeypatch):
+    first = build_tiny(tmp_path, pipeline=NANO_PIPELINE, progress=False)
+    monkeypatch.setattr(pipeline, "train_target", lambda *a, **k: pytest.fail("the same target is not retrained"))
+    longer = dataclasses.replace(NANO_PIPELINE.ddd, train=dataclasses.replace(NANO, steps=4))
+    changed = dataclasses.replace(NANO_PIPELINE, ddd=longer)
+    models = build_tiny(tmp_path, pipeline=changed, progress=False)
+    assert models.root != first.root
+    assert (models.target / "model.safetensors").read_bytes() == (first.target / "model.safetensors").read_bytes()
+    assert models.metrics["metrics"]["target"] == first.metrics["metrics"]["target"]
+    assert "target" not in models.metrics["seconds"] and "drafts_ddd" in models.metrics["seconds"]
+    assert not list(tmp_path.glob("*/*.copying"))
