@@ -29,7 +29,7 @@ import transformers
 from transformers import DynamicCache
 
 from epikern.models import DraftEnsemble, StackedKVLayer
-from epikern.models.estimator import hf_cache_keyword
+from epikern.models.hf import hf_cache_keyword
 from epikern.models.layers import StackedDecoderLayer, rotary_tables
 
 

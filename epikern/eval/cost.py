@@ -43,17 +43,13 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
+from ..models.hf import GATED_LLAMA_FAMILY
 from ..models.layers import FUSED, head_dim_of
 from ..ops.draft_uncertainty import draft_uncertainty_flops
 
 __all__ = ["lm_flops_per_token", "draft_ensemble_flops_per_token", "mean_decode_context",
            "draft_uncertainty_flops", "count_flops", "register_flop_formulas", "median_latency",
            "PeakMemory", "peak_memory"]
-
-#: HF ``model_type`` values whose layers are Llama-shaped (q/k/v/o attention with GQA, gated MLP
-#: gate/up/down), so that :func:`lm_flops_per_token` can count a config without the weights.
-GATED_LLAMA_FAMILY = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"})
-
 
 # --------------------------------------------------------------------------------------------
 # analytic FLOPs

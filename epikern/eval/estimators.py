@@ -36,7 +36,8 @@ import torch
 from torch import Tensor, nn
 
 from ..models.draft_ensemble import DraftEnsemble
-from ..models.estimator import DraftEstimator, lm_logits
+from ..models.estimator import DraftEstimator
+from ..models.hf import lm_logits
 from ..models.masks import position_ids_from_mask
 from ..models.tokur import TokUR
 from ..ops import DraftUncertainty

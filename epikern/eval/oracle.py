@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..models.estimator import nan_where_not
+from ..models.masks import nan_where_not
 from ..models.tokur import TokUR
 from ..ops import DraftUncertainty, draft_uncertainty
 from ..ops.draft_uncertainty import draft_uncertainty_flops

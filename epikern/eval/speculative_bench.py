@@ -53,7 +53,7 @@ from transformers import DynamicCache
 
 import epikern as ek
 from ..models import DraftEnsemble, DraftEstimator
-from ..models.estimator import hf_cache_keyword, lm_logits
+from ..models.hf import hf_cache_keyword, lm_logits
 from ..models.layers import LINEARS, NORMS
 from ..models.loading import load_causal_lm
 from .cost import draft_ensemble_flops_per_token, lm_flops_per_token, mean_decode_context

@@ -1,5 +1,6 @@
 """Models: :class:`DraftEnsemble` (shared trunk, one KV cache), :class:`DraftEstimator`, TokUR's
-:class:`Perturbation` and :class:`TokUR`."""
+:class:`Perturbation` and :class:`TokUR`; :mod:`.decoding` is the decoding core they generate with
+(where a speculative round proposes, verifies, accepts or rejects, and rolls back)."""
 
 from .cache import DraftCache, StackedKVLayer
 from .draft_ensemble import DraftEnsemble

@@ -8,7 +8,7 @@ window, if any) that are not padding.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -64,3 +64,9 @@ def causal_mask(
     if attention_mask is None:
         return allowed.expand(batch_size, 1, query_length, kv_length), False
     return allowed & attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :], False
+
+
+def nan_where_not(u: NamedTuple, keep: Tensor) -> NamedTuple:
+    """Set every field of a NamedTuple of ``[..., B, T]`` tensors (DraftUncertainty,
+    EnsembleUncertainty) to NaN where ``keep [B, T]`` is False."""
+    return type(u)(*(f.masked_fill(~keep, float("nan")) for f in u))

@@ -20,7 +20,6 @@ log space), and the acceptance ratio, the residual and the proposal sample all u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Union
 
 import torch
@@ -130,44 +129,5 @@ def last_token_of_round(proposals: Tensor, accepted: Tensor, cut: int, p: Tensor
     return torch.where(accepted > cut, proposals[:, cut], drawn)
 
 
-@dataclass(frozen=True)
-class DecodingStats:
-    """Work and acceptance of one :meth:`~epikern.DraftEstimator.generate` call.
-
-    A round is one target forward; it emits ``accepted[r] + 1`` tokens per row (the batch's common
-    count, SPEC §4b). Plain decoding (γ = 0) has one round per token and proposes nothing.
-    """
-
-    speculative_tokens: int  #: γ
-    #: g per round: proposals verified (γ; fewer near max_new_tokens or after a confidence stop)
-    proposed: tuple[int, ...]
-    accepted: tuple[int, ...]  #: proposals every row of the batch accepted, per round
-    target_forwards: int  #: forwards of the target (= rounds)
-    draft_forwards: int  #: batched steps of the DraftEnsemble (all K drafts at once)
-    reference_forwards: int  #: forwards of the proxy reference (0 when p is the target itself)
-
-    @property
-    def rounds(self) -> int:
-        return len(self.proposed)
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Accepted ÷ proposed over the call (NaN when nothing was proposed)."""
-        total = sum(self.proposed)
-        return sum(self.accepted) / total if total else float("nan")
-
-    @property
-    def tokens_per_round(self) -> float:
-        """Mean tokens emitted per row per target forward, ``mean(accepted + 1)`` (NaN: no rounds)."""
-        return (sum(self.accepted) + self.rounds) / self.rounds if self.rounds else float("nan")
-
-    def as_dict(self) -> dict:
-        return {"speculative_tokens": self.speculative_tokens, "rounds": self.rounds,
-                "proposed": list(self.proposed), "accepted": list(self.accepted),
-                "acceptance_rate": self.acceptance_rate, "tokens_per_round": self.tokens_per_round,
-                "target_forwards": self.target_forwards, "draft_forwards": self.draft_forwards,
-                "reference_forwards": self.reference_forwards}
-
-
-__all__ = ["DecodingStats", "MIXTURE", "check_proposal", "greedy_accepted", "last_token_of_round", "leading_run",
+__all__ = ["MIXTURE", "check_proposal", "greedy_accepted", "last_token_of_round", "leading_run",
            "proposal_probs", "propose", "residual_probs", "sampling_accepted"]

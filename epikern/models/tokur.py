@@ -34,8 +34,9 @@ from torch import Tensor, nn
 from transformers import DynamicCache
 
 from ..ops import EnsembleUncertainty, ensemble_uncertainty
-from .estimator import lm_logits, nan_where_not
-from .masks import position_ids_from_mask
+from .decoding import Sampler, Transcript, prepare, stop_at_eos
+from .hf import lm_logits
+from .masks import nan_where_not, position_ids_from_mask
 from .perturb import Perturbation
 
 
@@ -192,54 +193,33 @@ class TokUR:
                 ``pad_token_id`` (or the first eos id) and their uncertainty is NaN.
             generator: random generator for sampling (the perturbation noise is seeded by ``seed``).
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"input_ids must be [B, T0] with T0 >= 1, got shape {tuple(input_ids.shape)}")
+        batch = prepare(input_ids, attention_mask, max_new_tokens, eos_token_id, None, self.target.config)
+        sampler = Sampler(do_sample, temperature, generator)
         B, T0 = input_ids.shape
         device = input_ids.device
-        mask = torch.ones(B, T0, dtype=torch.long, device=device) if attention_mask is None else attention_mask
-        eos = None if eos_token_id is None else torch.as_tensor(eos_token_id, device=device).flatten()
-        pad = getattr(self.target.config, "pad_token_id", None)
-        pad = int(eos[0]) if pad is None and eos is not None else pad
         cache = DynamicCache(config=self.target.config)
         forwards, rows = 0, 0
         if T0 > 1 and max_new_tokens > 0:
-            prefix = mask[:, :-1]
+            prefix = batch.mask[:, :-1]
             lm_logits(self.target, input_ids[:, :-1], prefix, position_ids_from_mask(prefix, T0 - 1), cache, 1)
             forwards, rows = 1, B * (T0 - 1)
-        finished = torch.zeros(B, dtype=torch.bool, device=device)
-        step_ids, column, tokens, live, steps = input_ids[:, -1:], T0 - 1, [], [], []
+        mask, finished, transcript = batch.mask, torch.zeros(B, dtype=torch.bool, device=device), Transcript()
+        step_ids, column = input_ids[:, -1:], T0 - 1
         for _ in range(max_new_tokens):
             logits = self.perturbation(step_ids, mask, cache=cache,
                                        noise=self.noise(column, column + 1, B, device))[:, :, -1]  # [M, B, V]
             forwards, rows = forwards + 1, rows + self.num_samples * B
-            steps.append(self._uncertainty(logits))
-            clean = logits[0]
-            if do_sample:
-                probs = torch.softmax(clean.float() / temperature, dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-            else:
-                nxt = clean.argmax(dim=-1)
-            live.append(~finished)
-            if eos is not None:
-                nxt = nxt.masked_fill(finished, pad)
-                finished = finished | torch.isin(nxt, eos)
-            tokens.append(nxt)
-            if eos is not None and bool(finished.all()):
+            u = self._uncertainty(logits)
+            emitted = stop_at_eos(sampler.pick(logits[0])[:, None], finished, batch.eos, batch.pad)  # the clean member
+            transcript.add(emitted, type(u)(*(field[:, None] for field in u)))
+            if emitted.done:
                 break
-            step_ids, column = nxt[:, None], column + 1
+            step_ids, column, finished = emitted.tokens, column + 1, emitted.finished
             mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-        self.last_cost = ForwardCost(forwards, rows, B * len(steps))
-        if not steps:
-            nan = torch.full((B, 0), float("nan"), device=device)
-            return TokURGeneration(input_ids, EnsembleUncertainty(nan, nan, nan), input_ids.new_empty(B, 0).bool())
-        generated_mask = torch.stack(live, dim=1)
-        u = EnsembleUncertainty(*(torch.stack(field, dim=-1) for field in zip(*steps)))
-        return TokURGeneration(torch.cat([input_ids, torch.stack(tokens, dim=1)], dim=1),
-                               nan_where_not(u, generated_mask), generated_mask)
+        self.last_cost = ForwardCost(forwards, rows, B * len(transcript.scores))
+        nan = torch.full((B, 0), float("nan"), device=device)
+        sequences, generated_mask, u = transcript.finish(input_ids, EnsembleUncertainty(nan, nan, nan))
+        return TokURGeneration(sequences, u, generated_mask)
 
     def _uncertainty(self, member_logits: Tensor) -> EnsembleUncertainty:
         return ensemble_uncertainty(member_logits, temperature=self.eu_temperature, backend=self.backend)

@@ -1,14 +1,21 @@
-"""Tiny random HF drafts (CPU, fp32) and a reference that runs them one by one with DynamicCache."""
+"""Tiny random HF drafts (CPU, fp32), a reference that runs them one by one with DynamicCache, and a
+small-vocabulary case whose exact sampling law a goodness-of-fit test can check."""
 
 from __future__ import annotations
 
 import copy
+import itertools
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import transformers
+from scipy import stats
 from transformers import DynamicCache
 
-from epikern.models.estimator import hf_cache_keyword
+from epikern.models import DraftEnsemble
+
+from epikern.models.hf import hf_cache_keyword
 from epikern.models.masks import position_ids_from_mask
 
 CONFIGS = {
@@ -22,6 +29,9 @@ CONFIGS = {
         "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
         "sliding_window": 6, **kw}),
+    "gemma": lambda **kw: transformers.GemmaConfig(**{
+        "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256, **kw}),
 }
 
 
@@ -64,3 +74,49 @@ def hf_forward(model, input_ids, attention_mask, cache):
 def hf_caches(models):
     return [DynamicCache(config=m.config) for m in models]
 
+
+
+V_SMALL, TEMPERATURE, PROMPT = 8, 0.8, [[1, 5, 2]]
+
+
+class SmallVocab(NamedTuple):
+    target: torch.nn.Module
+    drafts: DraftEnsemble
+    prompt: torch.Tensor  #: [1, 3]
+    p: np.ndarray  #: [V³] the target's joint law of three tokens sampled at TEMPERATURE
+    q: np.ndarray  #: [V³] the same under the drafts' mixture (a wrong law a test must reject)
+
+
+@torch.no_grad()
+def small_vocab_laws(weights: torch.Tensor) -> SmallVocab:
+    """Target and K = 2 drafts over 8 tokens, peaked enough that the laws differ, and the exact joint
+    law of three sampled tokens under the target and under the drafts' mixture with ``weights``."""
+    target = tiny_model("llama", seed=3, vocab_size=V_SMALL, num_hidden_layers=2, hidden_size=32,
+                        intermediate_size=64)
+    target.lm_head.weight.mul_(20.0)
+    drafts = DraftEnsemble.from_base(target, 2, 1, seed=2, jitter=0.5)
+    prompt = torch.tensor(PROMPT)
+    seqs = torch.tensor(list(itertools.product(range(V_SMALL), repeat=3)))
+    full = torch.cat([prompt.expand(len(seqs), -1), seqs], dim=1)
+
+    def joint(log_probs):  # log_probs [N, 3, V] at the positions that predict x1, x2, x3
+        return log_probs.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).double().exp().numpy()
+
+    p = joint(torch.log_softmax(target(full).logits[:, 2:5] / TEMPERATURE, -1))
+    q = joint(torch.logsumexp(torch.log_softmax(drafts(full)[:, :, 2:5] / TEMPERATURE, -1)
+                              + weights.log()[:, None, None, None], dim=0))
+    return SmallVocab(target, drafts, prompt, p, q)
+
+
+def chi_square_pvalue(counts: np.ndarray, law: np.ndarray) -> float:
+    """Pearson's chi-square of observed counts against a law, cells with expected < 5 pooled."""
+    expected = law / law.sum() * counts.sum()
+    keep = expected >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    return float(stats.chisquare(obs, exp).pvalue)
+
+
+def sequence_index(tokens: torch.Tensor) -> np.ndarray:
+    """The cell of each row's three tokens ``[N, 3]`` in a ``[V³]`` law."""
+    return (tokens[:, 0] * V_SMALL ** 2 + tokens[:, 1] * V_SMALL + tokens[:, 2]).numpy()

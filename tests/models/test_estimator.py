@@ -6,12 +6,9 @@ import math
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import epikern as ek
 from epikern.models import DraftEnsemble, DraftEstimator
-from epikern.models.estimator import builds_plain_causal_mask, hf_cache_keyword, lm_logits
-from epikern.models.masks import position_ids_from_mask
 from .helpers import drafts_sharing_trunk, hf_forward, tiny_model
 
 ATOL = 1e-5
@@ -80,6 +77,12 @@ def test_eos_stops_rows_and_sampling_is_seeded(setup):
         assert out.generated_mask[b, : stop + 1].all() and not out.generated_mask[b, stop + 1:].any()
         assert out.uncertainty.eu[b, stop + 1:].isnan().all()
         assert torch.equal(out.sequences[b, 6: 6 + stop + 1], free.sequences[b, 6: 6 + stop + 1])
+    padded = est.generate(ids, mask, max_new_tokens=6, eos_token_id=eos, pad_token_id=7)  # the call's pad id
+    live = out.generated_mask
+    assert torch.equal(padded.generated_mask, live) and (~live).any()
+    assert torch.equal(padded.sequences[:, 6:][live], out.sequences[:, 6:][live])
+    assert (padded.sequences[:, 6:][~live] == 7).all()
+    assert (out.sequences[:, 6:][~live] == eos).all()  # the target has no pad id: the eos id
     a = est.generate(ids, mask, max_new_tokens=3, do_sample=True, temperature=0.7,
                      generator=torch.Generator().manual_seed(3))
     b = est.generate(ids, mask, max_new_tokens=3, do_sample=True, temperature=0.7,
@@ -99,29 +102,3 @@ def test_chunked_score_equals_whole_sequence(setup):
     _assert_fields_close(est.score(ids[:1], None, chunk_size=1), est.score(ids[:1]))
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         est.score(ids, mask, chunk_size=0)
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
-@pytest.mark.parametrize("padded", [False, True])
-def test_verification_mask_gives_hf_logits_bit_for_bit(arch, padded):
-    """lm_logits builds the 4-D mask of a T > 1 forward after a cache itself (where HF's is the plain
-    causal ∧ padding mask): the logits equal HF's own path exactly; sliding-window Mistral keeps HF's."""
-    model = tiny_model(arch, seed=3)
-    assert builds_plain_causal_mask(model.config) == (arch != "mistral")
-    B, P, T = 2, 9, 3  # mistral's window is 6 < P + T: its mask is not the plain one
-    ids = torch.randint(0, model.config.vocab_size, (B, P + T), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones(B, P + T, dtype=torch.long)
-    if padded:
-        mask[0, :4] = 0
-    positions = position_ids_from_mask(mask, P + T)
-    keyword = hf_cache_keyword(type(model))
-
-    def verify(ours: bool) -> torch.Tensor:
-        cache = DynamicCache(config=model.config)
-        lm_logits(model, ids[:, :P], mask[:, :P], positions[:, :P], cache, 0)
-        if ours:
-            return lm_logits(model, ids[:, P:], mask, positions[:, P:], cache, T)
-        return model(input_ids=ids[:, P:], attention_mask=mask, position_ids=positions[:, P:], use_cache=True,
-                     logits_to_keep=T, **{keyword: cache}).logits
-
-    assert torch.equal(verify(True), verify(False))

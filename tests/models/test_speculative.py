@@ -4,18 +4,15 @@ the real path on SmolLM2."""
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 import epikern as ek
 from epikern.eval.speculative_bench import early_exit_drafts
 from epikern.models import DraftEnsemble, DraftEstimator
-from epikern.models.speculative import DecodingStats
-from .helpers import tiny_model
+from epikern.models.decoding import DecodingStats
+from .helpers import TEMPERATURE, V_SMALL, chi_square_pvalue, sequence_index, small_vocab_laws, tiny_model
 
 EU_ATOL = 1e-4
 COMBOS = [(1, 0), (1, 2), (4, 0), (4, 2)]  # (K, S)
@@ -233,44 +230,13 @@ def test_bad_input(tiny):
 # -------------------------------------------------------------------------------------------------
 # exact sampling: the emitted tokens follow the target's law
 
-V_SMALL, TEMPERATURE, PROMPT = 8, 0.8, [[1, 5, 2]]
-
 
 @pytest.fixture(scope="module")
-@torch.no_grad()
 def small_vocab():
-    """Target and K = 2 drafts over 8 tokens, peaked enough that the laws differ, and the exact joint
-    law of three sampled tokens under the target and under the drafts' mixture (a wrong law that the
-    test must reject)."""
-    target = tiny_model("llama", seed=3, vocab_size=V_SMALL, num_hidden_layers=2, hidden_size=32,
-                        intermediate_size=64)
-    target.lm_head.weight.mul_(20.0)
-    drafts = DraftEnsemble.from_base(target, 2, 1, seed=2, jitter=0.5)
+    """Target and K = 2 drafts over 8 tokens (:func:`small_vocab_laws`) with mixture weights 0.7, 0.3."""
     weights = torch.tensor([0.7, 0.3])
-    prompt = torch.tensor(PROMPT)
-    seqs = torch.tensor(list(itertools.product(range(V_SMALL), repeat=3)))
-    full = torch.cat([prompt.expand(len(seqs), -1), seqs], dim=1)
-
-    def joint(log_probs):  # log_probs [N, 3, V] at the positions that predict x1, x2, x3
-        return log_probs.gather(-1, seqs[..., None]).squeeze(-1).sum(-1).double().exp().numpy()
-
-    p = joint(torch.log_softmax(target(full).logits[:, 2:5] / TEMPERATURE, -1))
-    q = joint(torch.logsumexp(torch.log_softmax(drafts(full)[:, :, 2:5] / TEMPERATURE, -1)
-                              + weights.log()[:, None, None, None], dim=0))
-    return DraftEstimator(target, drafts, weights=weights), prompt, p, q
-
-
-def _chi_square_pvalue(counts: np.ndarray, law: np.ndarray) -> float:
-    """Pearson's chi-square of observed counts against a law, cells with expected < 5 pooled."""
-    expected = law / law.sum() * counts.sum()
-    keep = expected >= 5
-    obs = np.append(counts[keep], counts[~keep].sum())
-    exp = np.append(expected[keep], expected[~keep].sum())
-    return float(stats.chisquare(obs, exp).pvalue)
-
-
-def _index(tokens: torch.Tensor) -> np.ndarray:
-    return (tokens[:, 0] * V_SMALL ** 2 + tokens[:, 1] * V_SMALL + tokens[:, 2]).numpy()
+    case = small_vocab_laws(weights)
+    return DraftEstimator(case.target, case.drafts, weights=weights), case.prompt, case.p, case.q
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3])
@@ -285,15 +251,15 @@ def test_sampling_follows_the_target_law_one_row(small_vocab, tau):
         out = est.generate(prompt, max_new_tokens=3, do_sample=True, temperature=TEMPERATURE, speculative_tokens=2,
                            confidence_threshold=tau, generator=torch.Generator().manual_seed(seed),
                            with_uncertainty=False)
-        counts[_index(out.sequences[:, 3:])] += 1
+        counts[sequence_index(out.sequences[:, 3:])] += 1
         paths.add((out.stats.proposed[0], out.stats.accepted))
     cuts = {accepted for _, accepted in paths}
     assert {(0, 0, 0), (0, 1), (1, 0), (2,)} <= cuts  # every path of a full round was taken
     stopped = {accepted[0] for proposed, accepted in paths if proposed == 1}
     assert stopped == (set() if tau == 0 else {0, 1})
-    assert _chi_square_pvalue(counts, p) > 1e-3
-    assert _chi_square_pvalue(counts, q) < 1e-9
-    assert _chi_square_pvalue(counts.reshape(V_SMALL, -1).sum(1), p.reshape(V_SMALL, -1).sum(1)) > 1e-3  # x1 alone
+    assert chi_square_pvalue(counts, p) > 1e-3
+    assert chi_square_pvalue(counts, q) < 1e-9
+    assert chi_square_pvalue(counts.reshape(V_SMALL, -1).sum(1), p.reshape(V_SMALL, -1).sum(1)) > 1e-3  # x1 alone
 
 
 @pytest.mark.parametrize("tau", [0.0, 0.3])
@@ -303,9 +269,9 @@ def test_sampling_follows_the_target_law_batch(small_vocab, tau):
     est, prompt, p, q = small_vocab
     out = est.generate(prompt.expand(2000, -1), max_new_tokens=3, do_sample=True, temperature=TEMPERATURE,
                        speculative_tokens=2, confidence_threshold=tau, generator=torch.Generator().manual_seed(11))
-    counts = np.bincount(_index(out.sequences[:, 3:]), minlength=V_SMALL ** 3)
-    assert _chi_square_pvalue(counts, p) > 1e-3
-    assert _chi_square_pvalue(counts, q) < 1e-9
+    counts = np.bincount(sequence_index(out.sequences[:, 3:]), minlength=V_SMALL ** 3)
+    assert chi_square_pvalue(counts, p) > 1e-3
+    assert chi_square_pvalue(counts, q) < 1e-9
     assert out.uncertainty.eu.isfinite().all()
 
 
