@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .extras import MissingExtraError, install_command, require
+
 BENCHES = ("kernels", "speculative", "sweep")
 
 
@@ -61,7 +63,19 @@ def _bench(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .training import cli as train_cli
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _run(argv)
+    except MissingExtraError as exc:  # a command that needs an extra on a core install
+        print(f"epikern: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
+    try:
+        from .training import cli as train_cli
+    except MissingExtraError:  # `epikern backends` still works; `epikern train` says what to install
+        train_cli = None
 
     parser = argparse.ArgumentParser(prog="epikern", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -70,10 +84,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the end-to-end comparison; `bench kernels`, `bench speculative`, `bench sweep` "
                         "(`epikern bench --help`)")
     sub.add_parser("backends", help="list the backends and why one is unavailable")
-    train_cli.add_parser(sub)
-    argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:  # the benchmarks parse their own options
         return _bench(argv[1:])
+    if train_cli is None:
+        sub.add_parser("train", add_help=False, help=f"train models (needs: {install_command('train')})")
+        if argv[:1] == ["train"]:
+            require("train", "epikern train")
+    else:
+        train_cli.add_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "train":
         return train_cli.main(args)

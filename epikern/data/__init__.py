@@ -9,6 +9,10 @@
     is_correct("... #### 18", test[0].final)         # grade the number after the last ####
 """
 
+from ..extras import require
+
+require("models", "epikern.data")  # the tokenizer is a transformers one
+
 from .gsm8k import (GSM8K_SPLITS, Problem, extract_answer, is_correct, load_gsm8k, normalize_number,
                     packaged_gsm8k)
 from .prompts import (PLAIN_PROMPT, encode_prompt, encode_prompts, encode_response, format_prompt,

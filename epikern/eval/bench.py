@@ -27,6 +27,10 @@ What it does, top to bottom (:func:`run`):
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("eval", __name__)
+
 import argparse
 import dataclasses
 import os

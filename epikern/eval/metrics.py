@@ -12,6 +12,10 @@ NumPy in, Python floats out. Conventions:
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("eval", __name__)
+
 import math
 import re
 import warnings

@@ -6,6 +6,10 @@ Each function writes one PNG with matplotlib's Agg backend (no display needed) a
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("eval", __name__)
+
 import math
 import os
 from typing import Mapping, Optional, Sequence, Union

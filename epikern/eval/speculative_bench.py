@@ -35,6 +35,10 @@ the project's prompt format.
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("eval", __name__)
+
 import argparse
 import copy
 import json

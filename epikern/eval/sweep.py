@@ -28,6 +28,10 @@ recomputed from the cached scores. Outputs in ``--out``: ``sweep.json``,
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("eval", __name__)
+
 import argparse
 import dataclasses
 import hashlib

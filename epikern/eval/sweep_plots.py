@@ -6,6 +6,10 @@ and the jsd/kl split of every point.
 
 from __future__ import annotations
 
+from ..extras import require
+
+require("eval", __name__)
+
 import os
 from pathlib import Path
 from typing import Mapping, Sequence

@@ -2,6 +2,10 @@
 :class:`Perturbation` and :class:`TokUR`; :mod:`.decoding` is the decoding core they generate with
 (where a speculative round proposes, verifies, accepts or rejects, and rolls back)."""
 
+from ..extras import require
+
+require("models", "epikern.models")
+
 from .cache import DraftCache, StackedKVLayer
 from .draft_ensemble import DraftEnsemble
 from .estimator import DraftEstimator, GenerationResult

@@ -12,6 +12,10 @@ Modules: ``config`` (TrainConfig and the recipes), ``loop`` (the training loop),
 imported on first use, so that ``import epikern.training.cli`` stays light.
 """
 
+from ..extras import require
+
+require("train", "epikern.training")
+
 import importlib
 
 _EXPORTS = {
