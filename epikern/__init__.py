@@ -25,6 +25,8 @@ __all__ = [
 ]
 from .ops import forward_kl, fused_linear_forward_kl  # noqa: E402
 __all__ += ["forward_kl", "fused_linear_forward_kl"]
+from .ops import draft_uncertainty_rows  # noqa: E402
+__all__ += ["draft_uncertainty_rows"]
 
 # Models need transformers; they are imported on first use so that `import epikern` stays light.
 _LAZY_EXPORTS = {name: "epikern.models" for name in

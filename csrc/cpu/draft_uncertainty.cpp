@@ -33,6 +33,11 @@
 //            Blocks go from the end of the row backwards: sweep 1 read the end last, so the
 //            re-read comes mostly from cache.
 //
+// draft_uncertainty_rows (the engine-layout op) is the same kernel with row maps: output row n reads
+// draft row draft_index[n] and target row target_index[n] (int32 or int64, read in place) at its
+// own temperature; a row whose map entry is negative (padding) or out of range, or whose inverse
+// temperature is not finite and > 0, is written as NaN without reading its logits.
+//
 // The kernel returns its work: logit elements read ((K + has_p)·N·V in sweep 1, the same minus
 // the drafts with w_k = 0 in sweep 2) and the exponentials and logarithms it evaluated in the
 // vector loops (the per-block scalar rescales are not counted).
@@ -101,6 +106,18 @@ struct Work {
 };
 #pragma omp declare reduction(+ : Work : omp_out += omp_in)
 
+// An int32/int64 map of output rows to input rows among `rows` (nullptr: the identity).
+struct RowMap {
+  const void* index = nullptr;
+  bool is64 = false;
+  int64_t rows = 0;
+  int64_t operator()(int64_t n) const {
+    if (index == nullptr) return n;
+    return is64 ? static_cast<const int64_t*>(index)[n] : static_cast<const int32_t*>(index)[n];
+  }
+  bool valid(int64_t n) const { return index == nullptr || ((*this)(n) >= 0 && (*this)(n) < rows); }
+};
+
 struct Args {
   const void* draft;
   int64_t K, N, V, draft_stride_k, draft_stride_n;
@@ -116,6 +133,10 @@ struct Args {
   float* target_lse;
   int64_t target_lse_stride_n;
   int64_t keep_bytes;
+  // draft_uncertainty_rows only (nullptr: row n is row n, at bits_per_logit).
+  RowMap draft_index{}, target_index{};  // output row → draft row (of draft_rows), target row
+  const float* inv_temperature = nullptr;  // per output row 1/T, times log2(e) here
+  int64_t inv_temperature_stride = 0;
 };
 
 // ---- sweep 1 --------------------------------------------------------------------------------------
@@ -367,10 +388,20 @@ struct DraftUncertaintyKernel {
   };
 
   const TD* draft_row(int64_t n, int64_t k) const {
-    return static_cast<const TD*>(a.draft) + n * a.draft_stride_n + k * a.draft_stride_k;
+    return static_cast<const TD*>(a.draft) + a.draft_index(n) * a.draft_stride_n + k * a.draft_stride_k;
   }
   const TP* target_row(int64_t n) const {
-    return static_cast<const TP*>(a.target) + n * a.target_stride_n;
+    return static_cast<const TP*>(a.target) + a.target_index(n) * a.target_stride_n;
+  }
+  // log2(e)/T of output row n.
+  float bits(int64_t n) const {
+    return a.inv_temperature ? 1.4426950408889634f * a.inv_temperature[n * a.inv_temperature_stride]
+                             : a.bits_per_logit;
+  }
+  // Padding, an out-of-range map entry or a temperature that is not finite and > 0.
+  bool skipped(int64_t n) const {
+    const float b = bits(n);
+    return !a.draft_index.valid(n) || (kHasP && !a.target_index.valid(n)) || !(b > 0.f && b < INFINITY);
   }
 
   template <bool kCross, bool kGuard, bool kKeep, class T>
@@ -382,7 +413,7 @@ struct DraftUncertaintyKernel {
   // Sweep 1 over [vb, ve) of row n into states[0, K) (drafts, with their cross terms) and
   // states[K] (the reference); kept exponentials and origins into `buf`.
   Work sweep1(int64_t n, int64_t vb, int64_t ve, SoftmaxState* states, const RangeBuffers& buf) const {
-    const float inv_t = a.bits_per_logit;
+    const float inv_t = bits(n);
     Work w;
     for (int64_t v0 = vb, b = 0; v0 < ve; v0 += kBlock, ++b) {
       const int64_t len = std::min(kBlock, ve - v0);
@@ -470,11 +501,11 @@ struct DraftUncertaintyKernel {
           }
         }
         if (!kept) {
-          mixture_weights(dk, kd, tb.active_log_w.data(), a.bits_per_logit, len, tb.w.get(), stretch);
+          mixture_weights(dk, kd, tb.active_log_w.data(), bits(n), len, tb.w.get(), stretch);
           w.exps += len * kd;
         }
         const MixtureSums s = mixture_block<kHasP>(dk, kd, kHasP ? target_row(n) + v0 : nullptr,
-                                                   a.bits_per_logit, lse2_p, len, tb.qbar.get(), tb.lq.get());
+                                                   bits(n), lse2_p, len, tb.qbar.get(), tb.lq.get());
         sums.jsd += s.jsd;
         sums.entropy += s.entropy;
         sums.kl += s.kl;
@@ -483,6 +514,13 @@ struct DraftUncertaintyKernel {
       }
     }
     return w;
+  }
+
+  // Every output of a skipped row n is NaN.
+  void write_skipped(int64_t n) const {
+    for (int64_t i = 0; i < 6; ++i) a.stats[n * a.stats_stride_n + i * a.stats_stride_row] = NAN;
+    for (int64_t k = 0; k < a.K; ++k) a.draft_lse[k * a.draft_lse_stride_k + n * a.draft_lse_stride_n] = NAN;
+    a.target_lse[n * a.target_lse_stride_n] = NAN;
   }
 
   // stats[:, n]; `mix` (sweep 2's sums, in bits) is null without the mixture sweep.
@@ -509,6 +547,10 @@ struct DraftUncertaintyKernel {
       std::vector<float> lse(a.K);
 #pragma omp for schedule(static)
       for (int64_t n = 0; n < a.N; ++n) {
+        if (skipped(n)) {
+          write_skipped(n);
+          continue;
+        }
         std::fill(states.begin(), states.end(), softmax_state_empty());
         work += sweep1(n, 0, a.V, states.data(), buf);
         const RowSweep1 r = finish1(n, states.data(), lse.data(), true);
@@ -541,12 +583,13 @@ struct DraftUncertaintyKernel {
       std::vector<float> lse(a.K);
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t n = i / spans, vb = (i % spans) * kSplitSpan;
+        if (skipped(n)) continue;
         work += sweep1(n, vb, std::min(a.V, vb + kSplitSpan), &part[i * K1], tb.range(i - lo, a.K));
       }
 #pragma omp barrier
       for (int64_t i = lo; i < hi; ++i) {
         const int64_t n = i / spans, j = i % spans;
-        if (!a.decompose && j != 0) continue;  // without sweep 2: one merge per row
+        if ((!a.decompose && j != 0) || skipped(n)) continue;  // without sweep 2: one merge per row
         std::copy(&part[n * spans * K1], &part[(n * spans + 1) * K1], row.begin());
         for (int64_t jj = 1; jj < spans; ++jj)
           for (int64_t k = 0; k < K1; ++k) softmax_merge(row[k], part[(n * spans + jj) * K1 + k], LibmExp2{});
@@ -560,6 +603,10 @@ struct DraftUncertaintyKernel {
       }
     }
     for (int64_t n = 0; n < a.N; ++n) {
+      if (skipped(n)) {
+        write_skipped(n);
+        continue;
+      }
       MixtureSums mix = sums[n * spans];
       for (int64_t j = 1; j < spans; ++j) {
         mix.jsd += sums[n * spans + j].jsd;
@@ -575,6 +622,23 @@ struct DraftUncertaintyKernel {
   // are reproducible.
   Work run(int threads) const { return split() ? run_split(threads) : run_rows(threads); }
 };
+
+// Runs the kernel for the logits' dtypes without the GIL; returns (read, exps, logs).
+py::tuple run(const Args& a, int draft_dtype, int target_dtype, int num_threads) {
+  const int threads = std::max(1, num_threads);
+  Work w;
+  {
+    py::gil_scoped_release release;
+    w = dispatch_dtype(draft_dtype, [&](auto td) -> Work {
+      using TD = decltype(td);
+      if (a.target == nullptr) return DraftUncertaintyKernel<TD, TD, false>(a).run(threads);
+      return dispatch_dtype(target_dtype, [&](auto tp) -> Work {
+        return DraftUncertaintyKernel<TD, decltype(tp), true>(a).run(threads);
+      });
+    });
+  }
+  return py::make_tuple(w.read, w.exps, w.logs);
+}
 
 py::tuple draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t N, int64_t V,
                             int64_t draft_stride_k, int64_t draft_stride_n, uintptr_t target,
@@ -592,19 +656,33 @@ py::tuple draft_uncertainty(uintptr_t draft, int draft_dtype, int64_t K, int64_t
                reinterpret_cast<float*>(draft_lse), draft_lse_stride_k, draft_lse_stride_n,
                reinterpret_cast<float*>(target_lse), target_lse_stride_n,
                keep_bytes < 0 ? kKeepBytes : keep_bytes};
-  const int threads = std::max(1, num_threads);
-  Work w;
-  {
-    py::gil_scoped_release release;
-    w = dispatch_dtype(draft_dtype, [&](auto td) -> Work {
-      using TD = decltype(td);
-      if (target == 0) return DraftUncertaintyKernel<TD, TD, false>(a).run(threads);
-      return dispatch_dtype(target_dtype, [&](auto tp) -> Work {
-        return DraftUncertaintyKernel<TD, decltype(tp), true>(a).run(threads);
-      });
-    });
-  }
-  return py::make_tuple(w.read, w.exps, w.logs);
+  return run(a, draft_dtype, target_dtype, num_threads);
+}
+
+// The engine-layout op: output rows [N] through the maps; `out` [7 + K, N] float32 packs stats
+// (rows 0-5), draft_lse (6 .. 5 + K) and target_lse (6 + K), with element strides out_stride_row
+// and out_stride_n. Map dtype codes: 0 = int32, 1 = int64; a map pointer of 0 is the identity.
+py::tuple draft_uncertainty_rows(uintptr_t draft, int draft_dtype, int64_t K, int64_t draft_rows,
+                                 int64_t V, int64_t draft_stride_k, int64_t draft_stride_n,
+                                 uintptr_t target, int target_dtype, int64_t target_rows,
+                                 int64_t target_stride_n, uintptr_t draft_index, bool draft_index64,
+                                 uintptr_t target_index, bool target_index64, int64_t N,
+                                 uintptr_t inv_temperature, int64_t inv_temperature_stride,
+                                 uintptr_t weights, bool decompose, uintptr_t out,
+                                 int64_t out_stride_row, int64_t out_stride_n, int num_threads) {
+  if (K < 1 || N < 0 || V < 1 || draft_rows < 0 || target_rows < 0)
+    throw std::invalid_argument("epikern._cpu.draft_uncertainty_rows: bad K/N/V or row counts");
+  float* o = reinterpret_cast<float*>(out);
+  Args a{reinterpret_cast<const void*>(draft), K, N, V, draft_stride_k, draft_stride_n,
+         reinterpret_cast<const void*>(target), target_stride_n,
+         reinterpret_cast<const float*>(weights), 1.4426950408889634f, decompose,
+         o, out_stride_row, out_stride_n, o + 6 * out_stride_row, out_stride_row, out_stride_n,
+         o + (6 + K) * out_stride_row, out_stride_n, kKeepBytes};
+  a.draft_index = {reinterpret_cast<const void*>(draft_index), draft_index64, draft_rows};
+  a.target_index = {reinterpret_cast<const void*>(target_index), target_index64, target_rows};
+  a.inv_temperature = reinterpret_cast<const float*>(inv_temperature);
+  a.inv_temperature_stride = inv_temperature_stride;
+  return run(a, draft_dtype, target_dtype, num_threads);
 }
 
 }  // namespace
@@ -624,6 +702,20 @@ void bind_draft_uncertainty(py::module_& m) {
         "(4 bytes per draft with w_k > 0 and entry, for one row, or for all rows when the "
         "vocabulary is split; −1: the default, 8 MiB; 0: never keep). Returns (logit elements "
         "read, exponentials, logarithms) evaluated in the vector loops.");
+  m.def("draft_uncertainty_rows", &draft_uncertainty_rows, py::arg("draft"), py::arg("draft_dtype"),
+        py::arg("K"), py::arg("draft_rows"), py::arg("V"), py::arg("draft_stride_k"),
+        py::arg("draft_stride_n"), py::arg("target"), py::arg("target_dtype"),
+        py::arg("target_rows"), py::arg("target_stride_n"), py::arg("draft_index"),
+        py::arg("draft_index64"), py::arg("target_index"), py::arg("target_index64"), py::arg("N"),
+        py::arg("inv_temperature"), py::arg("inv_temperature_stride"), py::arg("weights"),
+        py::arg("decompose"), py::arg("out"), py::arg("out_stride_row"), py::arg("out_stride_n"),
+        py::arg("num_threads"),
+        "draft_uncertainty on engine layouts: output row n reads draft row draft_index[n] of "
+        "draft[K, draft_rows, V] and target row target_index[n] of target[target_rows, V] (int32, "
+        "or int64 when *_index64; 0 = the identity) at 1/T = inv_temperature[n]; out [7 + K, N] "
+        "float32 packs stats, draft_lse and target_lse. Rows with a negative or out-of-range map "
+        "entry, or 1/T not finite and > 0, are NaN and not read. Returns the work as "
+        "draft_uncertainty does.");
 }
 
 }  // namespace epikern::cpu

@@ -11,8 +11,10 @@ in a graph). ``tests/backends/test_contract.py`` checks every backend module aga
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
 
@@ -52,9 +54,47 @@ class ForwardKLBackwardOut(Protocol):
                  teacher_lse: Tensor, temperature: float, grad_student: Tensor) -> None: ...
 
 
+@dataclass(frozen=True)
+class OutputRows:
+    """What each of the N output rows of ``draft_uncertainty_rows`` reads, and at what temperature.
+
+    Output row ``n`` reads draft row ``draft[n]`` of ``draft_logits [K, R_d, V]`` and target row
+    ``target[n]`` of ``target_logits [R_t, V]`` at ``1/T = inv_temperature[n]``. A row is skipped
+    (every output NaN, no logit read) when a map entry is negative (padding) or ``≥ R``, or when
+    ``inv_temperature[n]`` is not finite and > 0.
+    """
+
+    draft: Optional[Tensor]  #: ``[N]`` int32/int64, contiguous; None: row n is draft row n
+    target: Optional[Tensor]  #: ``[N]`` int32/int64, contiguous; None: row n is target row n
+    inv_temperature: Tensor  #: ``[N]`` float32, any stride (0: one temperature for all rows)
+
+    def __post_init__(self):
+        for name, index in (("draft", self.draft), ("target", self.target)):
+            if index is not None and (index.dtype not in (torch.int32, torch.int64)
+                                      or index.dim() != 1 or (index.numel() > 1 and index.stride(0) != 1)):
+                raise TypeError(f"OutputRows.{name} must be a contiguous 1-D int32 or int64 tensor, got "
+                                f"{index.dtype} of shape {tuple(index.shape)} and strides {index.stride()}")
+
+    @property
+    def count(self) -> int:
+        """N, the number of output rows."""
+        return self.inv_temperature.shape[0]
+
+
+class DraftUncertaintyRowsOut(Protocol):
+    """``draft_uncertainty_rows_out``: ``draft_logits [K, R_d, V]``, ``target_logits [R_t, V]`` or
+    None, the :class:`OutputRows` maps, float32 ``weights [K]`` → float32 ``out [7 + K, N]``
+    (unit stride over N): rows 0-5 the stats of ``draft_uncertainty_out``, 6 … 5 + K
+    ``draft_lse``, 6 + K ``target_lse``."""
+
+    def __call__(self, draft_logits: Tensor, target_logits: Optional[Tensor], rows: OutputRows,
+                 weights: Tensor, decompose: bool, out: Tensor) -> None: ...
+
+
 #: The entry point of each op, by op name (``<op>_out`` in a backend module).
 ENTRY_POINTS: dict[str, type] = {
     "draft_uncertainty": DraftUncertaintyOut,
+    "draft_uncertainty_rows": DraftUncertaintyRowsOut,
     "forward_kl": ForwardKLOut,
     "forward_kl_backward": ForwardKLBackwardOut,
 }

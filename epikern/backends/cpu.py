@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import BackendUnavailableError
+from .contract import OutputRows
 
 NAME = "cpu"
 
@@ -78,10 +79,8 @@ def draft_uncertainty_raw(
     """
     check_available()
     K, N, V = draft_logits.shape
-    if draft_logits.stride(2) != 1 and V > 1:
-        raise ValueError(f"draft_logits needs unit stride over V, got strides {draft_logits.stride()}")
-    if target_logits is not None and target_logits.stride(1) != 1 and V > 1:
-        raise ValueError(f"target_logits needs unit stride over V, got strides {target_logits.stride()}")
+    _unit_vocab_stride("draft_logits", draft_logits)
+    _unit_vocab_stride("target_logits", target_logits)
     weights = weights.to(torch.float32).contiguous()  # K numbers (no copy when they are already)
     for name, out in (("stats", stats), ("draft_lse", draft_lse), ("target_lse", target_lse)):
         if out.dtype != torch.float32:
@@ -102,6 +101,11 @@ def draft_uncertainty_raw(
     ))
 
 
+def _unit_vocab_stride(name: str, x: Optional[Tensor]) -> None:
+    if x is not None and x.stride(-1) != 1 and x.shape[-1] > 1:
+        raise ValueError(f"{name} needs unit stride over V, got strides {x.stride()}")
+
+
 def draft_uncertainty_out(
     draft_logits: Tensor,
     target_logits: Optional[Tensor],
@@ -115,6 +119,42 @@ def draft_uncertainty_out(
     """Backend entry point of ``epikern::draft_uncertainty`` (contract: :mod:`epikern.backends.contract`)."""
     draft_uncertainty_raw(draft_logits, target_logits, weights, temperature, decompose,
                           stats, draft_lse, target_lse)
+
+
+def draft_uncertainty_rows_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    rows: OutputRows,
+    weights: Tensor,
+    decompose: bool,
+    out: Tensor,
+) -> None:
+    """Backend entry of ``epikern::draft_uncertainty_rows``: the kernel of
+    :func:`draft_uncertainty_out` reading its rows through the maps in place (no gather)."""
+    check_available()
+    K, R_d, V = draft_logits.shape
+    _unit_vocab_stride("draft_logits", draft_logits)
+    _unit_vocab_stride("target_logits", target_logits)
+    if out.dtype != torch.float32:
+        raise TypeError(f"out must be float32, got {out.dtype}")
+    has_p = target_logits is not None
+    weights = weights.to(torch.float32).contiguous()
+    inv_t = rows.inv_temperature
+    _cpu.draft_uncertainty_rows(
+        draft_logits.data_ptr(), _dtype_code("draft_logits", draft_logits), K, R_d, V,
+        draft_logits.stride(0), draft_logits.stride(1),
+        target_logits.data_ptr() if has_p else 0,
+        _dtype_code("target_logits", target_logits) if has_p else 0,
+        target_logits.shape[0] if has_p else 0, target_logits.stride(0) if has_p else 0,
+        *_index(rows.draft), *_index(rows.target), rows.count,
+        inv_t.data_ptr(), inv_t.stride(0), weights.data_ptr(), bool(decompose),
+        out.data_ptr(), out.stride(0), out.stride(1), torch.get_num_threads(),
+    )
+
+
+def _index(index: Optional[Tensor]) -> tuple[int, bool]:
+    """(pointer, is int64) of a row map; (0, False) for the identity."""
+    return (0, False) if index is None else (index.data_ptr(), index.dtype == torch.int64)
 
 
 # --- forward_kl (issue 5) -------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from . import BackendUnavailableError
+from .contract import OutputRows
 
 NAME = "cuda"
 
@@ -72,8 +73,10 @@ def _dtype_code(name: str, x: Tensor) -> int:
     return _DTYPE_CODES[x.dtype]
 
 
-def _problem(draft: Tensor, target: Optional[Tensor], decompose: bool) -> dict:
-    """Keyword arguments shared by the module's plan and launch functions."""
+def _problem(draft: Tensor, target: Optional[Tensor], decompose: bool,
+             rows: Optional[OutputRows] = None) -> dict:
+    """Keyword arguments shared by the module's plan and launch functions; with ``rows``, N is
+    the output rows and the maps are passed (``draft_uncertainty_rows``)."""
     K, N, V = draft.shape
     if V > 1 and draft.stride(2) != 1:
         raise ValueError(f"draft_logits needs unit stride over V, got strides {draft.stride()}")
@@ -86,8 +89,19 @@ def _problem(draft: Tensor, target: Optional[Tensor], decompose: bool) -> dict:
         target=0 if target is None else target.data_ptr(),
         target_dtype=code if target is None else _dtype_code("target_logits", target),
         target_stride_n=0 if target is None else target.stride(0),
-        K=K, N=N, V=V, decompose=bool(decompose),
+        K=K, N=N if rows is None else rows.count, V=V, decompose=bool(decompose),
+        **({} if rows is None else _row_maps(draft, target, rows)),
     )
+
+
+def _row_maps(draft: Tensor, target: Optional[Tensor], rows: OutputRows) -> dict:
+    """The module's keyword arguments for the maps (an absent map is the identity)."""
+    def index(name: str, x: Optional[Tensor]) -> dict:
+        return {} if x is None else {f"{name}_index": x.data_ptr(), f"{name}_index64": x.dtype == torch.int64}
+    return dict(draft_rows=draft.shape[1], target_rows=0 if target is None else target.shape[0],
+                inv_temperature=rows.inv_temperature.data_ptr(),
+                inv_temperature_stride=rows.inv_temperature.stride(0),
+                **index("draft", rows.draft), **index("target", rows.target))
 
 
 def plan(draft_logits: Tensor, target_logits: Optional[Tensor], decompose: bool = True) -> dict:
@@ -118,12 +132,40 @@ def draft_uncertainty_out(
             raise ValueError(f"{name} needs unit stride over N, got strides {t.stride()}")
     if N > 1 and target_lse.stride(0) != 1:
         raise ValueError(f"target_lse needs unit stride, got strides {target_lse.stride()}")
+    _launch(draft_logits, _problem(draft_logits, target_logits, decompose), weights, temperature,
+            (stats, draft_lse, target_lse))
+
+
+def draft_uncertainty_rows_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    rows: OutputRows,
+    weights: Tensor,
+    decompose: bool,
+    out: Tensor,
+) -> None:
+    """Fill ``out [7 + K, N]`` (float32, unit stride over N) from the rows that the maps of
+    ``rows`` select in ``draft_logits [K, R_d, V]`` and ``target_logits [R_t, V]``, read in place
+    by the kernels of :func:`draft_uncertainty_out`, on the current stream of their device."""
+    K, N = draft_logits.shape[0], rows.count
+    if N == 0:
+        return
+    if N > 1 and out.stride(1) != 1:
+        raise ValueError(f"out needs unit stride over N, got strides {out.stride()}")
+    _launch(draft_logits, _problem(draft_logits, target_logits, decompose, rows), weights, 1.0,
+            (out[:6], out[6: 6 + K], out[6 + K]))
+
+
+def _launch(draft_logits: Tensor, problem: dict, weights: Tensor, temperature: float,
+            outputs: tuple[Tensor, Tensor, Tensor]) -> None:
+    """Plan, allocate the split path's workspace and enqueue ``problem`` on the current stream;
+    ``outputs``: ``stats [6, N]``, ``draft_lse [K, N]``, ``target_lse [N]`` (unit stride over N)."""
     if weights.dtype != torch.float32 or weights.device != draft_logits.device:
         raise TypeError(f"weights must be float32 on {draft_logits.device}, "
                         f"got {weights.dtype} on {weights.device}")
+    stats, draft_lse, target_lse = outputs
     device = draft_logits.device
     module = _module()
-    problem = _problem(draft_logits, target_logits, decompose)
     path = forced_path()
     with torch.cuda.device(device):
         nbytes = module.draft_uncertainty_plan(**problem, path=path)["workspace"]

@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .contract import OutputRows
+
 #: Order of the rows of the packed ``stats`` tensor every backend writes.
 STATS = ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy")
 
@@ -119,6 +121,58 @@ def draft_uncertainty_out(
     stats.copy_(s)
     draft_lse.copy_(d)
     target_lse.copy_(t)
+
+
+def draft_uncertainty_rows(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    rows: OutputRows,
+    weights: Tensor,
+    decompose: bool = True,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """Reference of ``epikern::draft_uncertainty_rows``: the packed ``[7 + K, N]`` outputs.
+
+    Gathers each output row's draft rows ``draft_logits[:, rows.draft[n]]`` and target row
+    ``target_logits[rows.target[n]]`` (a copy: this is the oracle, the kernels read in place),
+    scales them by ``rows.inv_temperature[n]`` and runs :func:`draft_uncertainty` at ``T = 1``.
+    Rows 0-5 are the stats, 6 … 5 + K ``draft_lse`` and 6 + K ``target_lse``; skipped rows (see
+    :class:`~epikern.backends.contract.OutputRows`) are NaN.
+    """
+    K, R_d, V = draft_logits.shape
+    N = rows.count
+    inv_t = rows.inv_temperature.to(dtype)
+    keep = (inv_t > 0) & (inv_t < float("inf"))
+    d_idx, keep = _gathered_index(rows.draft, N, R_d, keep)
+    x = draft_logits[:, d_idx].to(dtype) * inv_t[None, :, None]
+    y = None
+    if target_logits is not None:
+        t_idx, keep = _gathered_index(rows.target, N, target_logits.shape[0], keep)
+        y = target_logits[t_idx].to(dtype) * inv_t[:, None]
+    stats, draft_lse, target_lse = draft_uncertainty(x, y, weights, 1.0, decompose, dtype)
+    packed = torch.cat([stats, draft_lse, target_lse[None]])
+    return torch.where(keep, packed, torch.full((), float("nan"), dtype=dtype, device=packed.device))
+
+
+def _gathered_index(index: Optional[Tensor], n: int, rows: int, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """``(row to gather per output row, keep)``: the map (identity if None) with skipped entries
+    (negative or ``≥ rows``) replaced by row 0 and removed from ``keep``."""
+    idx = torch.arange(n, device=keep.device) if index is None else index.long()
+    valid = (idx >= 0) & (idx < rows)
+    return torch.where(valid, idx, torch.zeros_like(idx)), keep & valid
+
+
+def draft_uncertainty_rows_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    rows: OutputRows,
+    weights: Tensor,
+    decompose: bool,
+    out: Tensor,
+) -> None:
+    """Backend entry point: :func:`draft_uncertainty_rows` in float32, written into ``out``."""
+    out.copy_(draft_uncertainty_rows(draft_logits, target_logits, rows, weights, decompose,
+                                     dtype=torch.float32))
 
 
 def forward_kl(

@@ -47,7 +47,7 @@ class EnsembleUncertainty(NamedTuple):
     epistemic: Tensor  #: total − aleatoric, the mutual information (computed without cancellation)
 
 
-def _draft_uncertainty_rows(
+def _draft_uncertainty_flat(
     draft_logits: Tensor,
     target_logits: Optional[Tensor],
     weights: Tensor,
@@ -81,17 +81,7 @@ def _unpacked(stats: Tensor, draft_lse: Tensor, target_lse: Tensor, batch: Seque
                             draft_lse=draft_lse.reshape(draft_lse.shape[0], *batch), target_lse=target_lse.reshape(batch))
 
 
-_draft_uncertainty_op = torch.library.custom_op("epikern::draft_uncertainty", mutates_args=())(_draft_uncertainty_rows)
-
-
-def _through_dispatcher(*tensors: Optional[Tensor]) -> bool:
-    """Whether a call must go through the registered op rather than straight to the backend: under
-    ``torch.compile``, a dispatch mode, meta tensors or autograd. Elsewhere the dispatcher's
-    wrappers only cost time (~40 µs a call, and three times that once a decoding loop's target
-    forward has evicted them from the caches)."""
-    grad = torch.is_grad_enabled()
-    return _checks.dispatcher_watching() or any(
-        t is not None and (t.is_meta or (grad and t.requires_grad)) for t in tensors)
+_draft_uncertainty_op = torch.library.custom_op("epikern::draft_uncertainty", mutates_args=())(_draft_uncertainty_flat)
 
 
 @_draft_uncertainty_op.register_fake
@@ -203,7 +193,7 @@ def draft_uncertainty(
     target_rows = None if target_logits is None else _checks.last_dim_contiguous(target_logits.reshape(N, V))
     if N == 0:
         return _unpacked(*_outputs(draft_rows), batch)
-    op = _draft_uncertainty_op if _through_dispatcher(draft_rows, target_rows, w) else _draft_uncertainty_rows
+    op = _draft_uncertainty_op if _checks.through_dispatcher(draft_rows, target_rows, w) else _draft_uncertainty_flat
     return _unpacked(*op(draft_rows, target_rows, w, temperature, bool(decompose), backend or ""), batch)
 
 
@@ -267,7 +257,7 @@ class DraftUncertaintyScorer:
             return False
         if cut is not None and draft.shape[-1] < cut:
             return False
-        return not _through_dispatcher(draft, target)
+        return not _checks.through_dispatcher(draft, target)
 
 
 def ensemble_uncertainty(

@@ -10,11 +10,11 @@ from epikern.backends import contract
 
 #: backend modules and the ops each implements (triton.launch: the Triton package's launcher)
 MODULES = {
-    "epikern.backends.reference": ("draft_uncertainty", "forward_kl", "forward_kl_backward"),
-    "epikern.backends.cpu": ("draft_uncertainty", "forward_kl", "forward_kl_backward"),
+    "epikern.backends.reference": ("draft_uncertainty", "draft_uncertainty_rows", "forward_kl", "forward_kl_backward"),
+    "epikern.backends.cpu": ("draft_uncertainty", "draft_uncertainty_rows", "forward_kl", "forward_kl_backward"),
     "epikern.backends.cuda": ("draft_uncertainty",),
-    "epikern.backends.triton": ("draft_uncertainty", "forward_kl", "forward_kl_backward"),
-    "epikern.backends.triton.launch": ("draft_uncertainty",),
+    "epikern.backends.triton": ("draft_uncertainty", "draft_uncertainty_rows", "forward_kl", "forward_kl_backward"),
+    "epikern.backends.triton.launch": ("draft_uncertainty", "draft_uncertainty_rows"),
 }
 
 

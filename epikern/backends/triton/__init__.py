@@ -14,6 +14,7 @@ from typing import Optional
 from torch import Tensor
 
 from .. import BackendUnavailableError
+from ..contract import OutputRows
 
 NAME = "triton"
 
@@ -42,14 +43,32 @@ def draft_uncertainty_out(
     target_lse: Tensor,
 ) -> None:
     """Backend entry point of ``draft_uncertainty`` (contract: :mod:`epikern.backends.contract`)."""
+    _launcher(draft_logits).draft_uncertainty_out(draft_logits, target_logits, weights, temperature,
+                                                  decompose, stats, draft_lse, target_lse)
+
+
+def draft_uncertainty_rows_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    rows: OutputRows,
+    weights: Tensor,
+    decompose: bool,
+    out: Tensor,
+) -> None:
+    """Backend entry point of ``draft_uncertainty_rows`` (contract: :mod:`epikern.backends.contract`)."""
+    _launcher(draft_logits).draft_uncertainty_rows_out(draft_logits, target_logits, rows, weights,
+                                                       decompose, out)
+
+
+def _launcher(logits: Tensor):
+    """The launch module, once the kernels are known to fit the tensors' device."""
     check_available()
     from . import launch
 
-    if not draft_logits.is_cuda and not launch.interpreted():
+    if not logits.is_cuda and not launch.interpreted():
         raise BackendUnavailableError(
-            f"backend 'triton' got tensors on {draft_logits.device}, but its kernels were compiled "
+            f"backend 'triton' got tensors on {logits.device}, but its kernels were compiled "
             "for the GPU: TRITON_INTERPRET=1 must be set before epikern's Triton kernels are "
             "imported to run them on the CPU interpreter")
-    launch.draft_uncertainty_out(draft_logits, target_logits, weights, temperature, decompose,
-                                 stats, draft_lse, target_lse)
+    return launch
 from .forward_kl import forward_kl_backward_out, forward_kl_out  # noqa: E402,F401

@@ -4,14 +4,17 @@ the split path, launch on the current stream of the tensors' device. No host syn
 from __future__ import annotations
 
 from contextlib import nullcontext
+from dataclasses import replace
 from typing import Optional
 
 import torch
 from torch import Tensor
 from triton.runtime.interpreter import InterpretedFunction
 
+from ..contract import OutputRows
 from . import config
 from .row import draft_uncertainty_row_kernel
+from .rows import draft_uncertainty_rows_kernel
 from .split import split_finalize_kernel, split_mixture_kernel, split_states_kernel
 
 
@@ -61,6 +64,38 @@ def draft_uncertainty_out(
     for out, tmp in zip(outs, dense):
         if out is not tmp:
             out.copy_(tmp)
+
+
+def draft_uncertainty_rows_out(
+    draft_logits: Tensor,
+    target_logits: Optional[Tensor],
+    rows: OutputRows,
+    weights: Tensor,
+    decompose: bool,
+    out: Tensor,
+) -> None:
+    """Launch the rows kernel (:mod:`.rows`): one program per output row, the row path's tile
+    configuration. ``out [7 + K, N]`` fp32 with unit stride over N."""
+    K, R_d, V = draft_logits.shape
+    N = rows.count
+    if N == 0:
+        return
+    cfg = replace(config.choose(K, N, V, draft_logits.dtype), path="row", chunks=1)
+    has_target = target_logits is not None
+    target = target_logits if has_target else draft_logits
+    # absent maps are never read (HAS_*MAP is false): any pointer will do
+    draft_map = rows.draft if rows.draft is not None else rows.inv_temperature
+    target_map = rows.target if rows.target is not None else rows.inv_temperature
+    weights = weights.to(dtype=torch.float32).contiguous()
+    with torch.cuda.device(draft_logits.device) if draft_logits.is_cuda else nullcontext():
+        draft_uncertainty_rows_kernel[(N,)](
+            draft_logits, target, draft_map, target_map, rows.inv_temperature, weights, out,
+            R_d, target.shape[0] if has_target else 0, V, K,
+            draft_logits.stride(0), draft_logits.stride(1), target.stride(0) if has_target else 0,
+            rows.inv_temperature.stride(0), out.stride(0),
+            K_PAD=cfg.k_pad, BLOCK_V=cfg.block_v, HAS_TARGET=has_target, DECOMPOSE=bool(decompose),
+            HAS_DMAP=rows.draft is not None, HAS_TMAP=rows.target is not None,
+            num_warps=cfg.num_warps)
 
 
 def _split(cfg, draft, target, weights, dense, has_target, decompose, stride_tn, inv_temp):

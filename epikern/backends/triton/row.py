@@ -13,19 +13,11 @@ from ._online import finish_states, store_row, sweep_mixture, sweep_states
 
 
 @triton.jit
-def draft_uncertainty_row_kernel(
-    D, T, W, STATS, DLSE, TLSE,
-    N, V, K, stride_dk, stride_dn, stride_tn, inv_temp,
-    K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
-    HAS_TARGET: tl.constexpr, DECOMPOSE: tl.constexpr,
-):
-    """Grid ``(N,)``. ``D``: drafts ``[K, N, V]``; ``T``: target ``[N, V]`` (any pointer when
-    ``HAS_TARGET`` is false); ``W``: fp32 weights ``[K]``; outputs as in :func:`store_row`."""
-    n = tl.program_id(0).to(tl.int64)
-    k = tl.arange(0, K_PAD)
-    kmask = k < K
-    d_row = D + n * stride_dn
-    t_row = T + n * stride_tn
+def row_results(d_row, t_row, W, k, kmask, stride_dk, V, inv_temp,
+                K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+                HAS_TARGET: tl.constexpr, DECOMPOSE: tl.constexpr):
+    """Both sweeps over one row: draft rows at ``d_row`` (``stride_dk`` apart), the target row at
+    ``t_row``. Returns the arguments of :func:`store_row` after ``k, kmask``."""
     m, s, t, c, mp, sp, tp = sweep_states(d_row, t_row, k, kmask, stride_dk, 0, V, inv_temp,
                                           K_PAD, BLOCK_V, HAS_TARGET)
 
@@ -42,6 +34,23 @@ def draft_uncertainty_row_kernel(
         jsd = float("nan")
         kl = float("nan")
         mixture_entropy = float("nan")
+    return eu, jsd, kl, draft_entropy, mixture_entropy, target_entropy, lse, lse_p
 
+
+@triton.jit
+def draft_uncertainty_row_kernel(
+    D, T, W, STATS, DLSE, TLSE,
+    N, V, K, stride_dk, stride_dn, stride_tn, inv_temp,
+    K_PAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_TARGET: tl.constexpr, DECOMPOSE: tl.constexpr,
+):
+    """Grid ``(N,)``. ``D``: drafts ``[K, N, V]``; ``T``: target ``[N, V]`` (any pointer when
+    ``HAS_TARGET`` is false); ``W``: fp32 weights ``[K]``; outputs as in :func:`store_row`."""
+    n = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, K_PAD)
+    kmask = k < K
+    eu, jsd, kl, draft_entropy, mixture_entropy, target_entropy, lse, lse_p = row_results(
+        D + n * stride_dn, T + n * stride_tn, W, k, kmask, stride_dk, V, inv_temp,
+        K_PAD, BLOCK_V, HAS_TARGET, DECOMPOSE)
     store_row(STATS, DLSE, TLSE, n, N, k, kmask, eu, jsd, kl, draft_entropy, mixture_entropy,
               target_entropy, lse, lse_p)
