@@ -95,6 +95,11 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64
   const unsigned rank = cluster.block_rank();
   const unsigned csize = cluster.num_blocks();
   const int64_t row = row0 + int64_t(blockIdx.x) / csize;
+  if (row_skipped(a, row)) {  // every CTA of the cluster returns here, before any cluster barrier
+    if (rank == 0 && threadIdx.x == 0) write_skipped(a, row);
+    return;
+  }
+  const float scale = row_scale(a, row);
   const int K = a.K;
   const bool has_p = a.target != nullptr;
   const int64_t begin = int64_t(rank) * slice;
@@ -115,9 +120,9 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64
   __shared__ SoftmaxState scratch[kWarps][kStates];
   __shared__ float scratch3[kWarps][3];
 
-  const TD* gdraft = static_cast<const TD*>(a.draft) + row * a.draft_stride_n + begin;
+  const TD* gdraft = static_cast<const TD*>(a.draft) + draft_row(a, row) * a.draft_stride_n + begin;
   const TP* gtarget =
-      has_p ? static_cast<const TP*>(a.target) + row * a.target_stride_n + begin : nullptr;
+      has_p ? static_cast<const TP*>(a.target) + target_row(a, row) * a.target_stride_n + begin : nullptr;
 
   if (threadIdx.x == 0) {
 #pragma unroll
@@ -158,10 +163,10 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64
     for (int c = 0; c < kStages; ++c) {
       if (first) mbar_wait(&bars[c], 0);
       const int64_t e0 = stage_begin(vec_count, c);
-      sweep1_span<8, false>(srows, kb, starget, first, a.scale, e0,
+      sweep1_span<8, false>(srows, kb, starget, first, scale, e0,
                             stage_begin(vec_count, c + 1) - e0, st);
     }
-    sweep1_span<1, true>(grows, kb, gtarget, first, a.scale, vec_count, count - vec_count, st);
+    sweep1_span<1, true>(grows, kb, gtarget, first, scale, vec_count, count - vec_count, st);
     block_merge(st, scratch, dst);
   }
   cluster.sync();  // every CTA's part1 is written and visible across the cluster
@@ -189,8 +194,8 @@ __global__ void __launch_bounds__(kThreads, 2) cluster_kernel(DraftArgs a, int64
 
   if (a.decompose) {
     float acc[3] = {0.f, 0.f, 0.f};
-    sweep2_span<8, false>(sdraft, slice, K, starget, lse, logw, a.scale, 0, vec_count, acc);
-    sweep2_span<1, true>(gdraft, a.draft_stride_k, K, gtarget, lse, logw, a.scale, vec_count,
+    sweep2_span<8, false>(sdraft, slice, K, starget, lse, logw, scale, 0, vec_count, acc);
+    sweep2_span<1, true>(gdraft, a.draft_stride_k, K, gtarget, lse, logw, scale, vec_count,
                          count - vec_count, acc);
     block_sum3(acc, scratch3, part2);
     cluster.sync();  // every part2 is written

@@ -233,6 +233,34 @@ __device__ __forceinline__ void block_sum3(const float (&v)[3], float (&scratch)
 
 __device__ __forceinline__ float nan_f() { return __int_as_float(0x7fffffff); }
 
+// Row maps of draft_uncertainty_rows (see DraftArgs): the input rows and 1/T of output row n.
+__device__ __forceinline__ int64_t mapped_row(const void* index, bool is64, int64_t n) {
+  if (index == nullptr) return n;
+  return is64 ? static_cast<const int64_t*>(index)[n] : int64_t(static_cast<const int32_t*>(index)[n]);
+}
+__device__ __forceinline__ int64_t draft_row(const DraftArgs& a, int64_t n) {
+  return mapped_row(a.draft_index, a.draft_index64, n);
+}
+__device__ __forceinline__ int64_t target_row(const DraftArgs& a, int64_t n) {
+  return mapped_row(a.target_index, a.target_index64, n);
+}
+__device__ __forceinline__ float row_scale(const DraftArgs& a, int64_t n) {
+  return a.inv_temperature != nullptr ? a.inv_temperature[n * a.inv_temperature_stride] : a.scale;
+}
+__device__ __forceinline__ bool row_skipped(const DraftArgs& a, int64_t n) {
+  const float scale = row_scale(a, n);
+  const int64_t d = draft_row(a, n), t = target_row(a, n);
+  const bool bad_d = a.draft_index != nullptr && (d < 0 || d >= a.draft_rows);
+  const bool bad_t = a.target != nullptr && a.target_index != nullptr && (t < 0 || t >= a.target_rows);
+  return bad_d || bad_t || !(scale > 0.f) || isinf(scale);
+}
+// Every output of a skipped row is NaN (one thread).
+__device__ inline void write_skipped(const DraftArgs& a, int64_t row) {
+  for (int k = 0; k < a.K; ++k) a.draft_lse[k * a.draft_lse_stride + row] = nan_f();
+  a.target_lse[row] = nan_f();
+  for (int j = 0; j < 6; ++j) a.stats[j * a.stats_stride + row] = nan_f();
+}
+
 // Row outputs of sweep 1 from the K+1 merged states (one thread). lse[0..K] receives the
 // log-normalisers that sweep 2 needs.
 __device__ inline void write_sweep1(const DraftArgs& a, int64_t row, const SoftmaxState* merged,

@@ -53,10 +53,12 @@ bool rows_aligned(const DraftArgs& a, size_t draft_elem, size_t target_elem) {
   auto stride_ok = [](int64_t stride, int64_t extent, size_t elem) {
     return extent <= 1 || (stride * int64_t(elem)) % 16 == 0;
   };
+  const int64_t draft_rows = a.draft_index != nullptr ? a.draft_rows : a.N;
+  const int64_t target_rows = a.target_index != nullptr ? a.target_rows : a.N;
   bool ok = ptr_ok(a.draft) && stride_ok(a.draft_stride_k, a.K, draft_elem) &&
-            stride_ok(a.draft_stride_n, a.N, draft_elem);
+            stride_ok(a.draft_stride_n, draft_rows, draft_elem);
   if (a.target != nullptr)
-    ok = ok && ptr_ok(a.target) && stride_ok(a.target_stride_n, a.N, target_elem);
+    ok = ok && ptr_ok(a.target) && stride_ok(a.target_stride_n, target_rows, target_elem);
   return ok;
 }
 

@@ -50,6 +50,18 @@ struct DraftArgs {
   int64_t N, V;
   float scale;  // 1 / T
   bool decompose;
+  // draft_uncertainty_rows: output row n reads draft row draft_index[n] (of draft_rows) and target
+  // row target_index[n] (of target_rows), int32 or int64, at 1/T = inv_temperature[n · stride];
+  // nullptr: row n, at `scale`. A row whose entry is outside [0, rows) or whose 1/T is not finite
+  // and > 0 is skipped: all its outputs NaN, no logit read.
+  const void* draft_index = nullptr;
+  bool draft_index64 = false;
+  int64_t draft_rows = 0;
+  const void* target_index = nullptr;
+  bool target_index64 = false;
+  int64_t target_rows = 0;
+  const float* inv_temperature = nullptr;
+  int64_t inv_temperature_stride = 0;
 };
 
 // How one call runs. The cluster path keeps each row on chip across `cluster` CTAs of one

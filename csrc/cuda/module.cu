@@ -34,6 +34,45 @@ DraftArgs make_args(uintptr_t draft, int64_t draft_stride_k, int64_t draft_strid
   return a;
 }
 
+// The row maps of draft_uncertainty_rows (all zero: the dense op), as pybind11 keyword arguments.
+struct RowMaps {
+  uintptr_t draft_index = 0;
+  bool draft_index64 = false;
+  int64_t draft_rows = 0;
+  uintptr_t target_index = 0;
+  bool target_index64 = false;
+  int64_t target_rows = 0;
+  uintptr_t inv_temperature = 0;
+  int64_t inv_temperature_stride = 0;
+
+  static RowMaps from(const py::kwargs& kw) {
+    RowMaps m;
+    for (const auto& item : kw) {
+      const std::string key = py::cast<std::string>(item.first);
+      if (key == "draft_index") m.draft_index = py::cast<uintptr_t>(item.second);
+      else if (key == "draft_index64") m.draft_index64 = py::cast<bool>(item.second);
+      else if (key == "draft_rows") m.draft_rows = py::cast<int64_t>(item.second);
+      else if (key == "target_index") m.target_index = py::cast<uintptr_t>(item.second);
+      else if (key == "target_index64") m.target_index64 = py::cast<bool>(item.second);
+      else if (key == "target_rows") m.target_rows = py::cast<int64_t>(item.second);
+      else if (key == "inv_temperature") m.inv_temperature = py::cast<uintptr_t>(item.second);
+      else if (key == "inv_temperature_stride") m.inv_temperature_stride = py::cast<int64_t>(item.second);
+      else throw std::invalid_argument("epikern._cuda: unknown keyword argument " + key);
+    }
+    return m;
+  }
+  void apply(DraftArgs& a) const {
+    a.draft_index = reinterpret_cast<const void*>(draft_index);
+    a.draft_index64 = draft_index64;
+    a.draft_rows = draft_rows;
+    a.target_index = reinterpret_cast<const void*>(target_index);
+    a.target_index64 = target_index64;
+    a.target_rows = target_rows;
+    a.inv_temperature = reinterpret_cast<const float*>(inv_temperature);
+    a.inv_temperature_stride = inv_temperature_stride;
+  }
+};
+
 py::dict plan_dict(const Plan& p) {
   py::dict d;
   d["path"] = p.use_cluster ? "cluster" : "split";
@@ -56,12 +95,14 @@ PYBIND11_MODULE(_cuda, m) {
       "draft_uncertainty_plan",
       [](uintptr_t draft, int draft_dtype, int64_t draft_stride_k, int64_t draft_stride_n,
          uintptr_t target, int target_dtype, int64_t target_stride_n, int64_t K, int64_t N,
-         int64_t V, bool decompose, int path) {
-        const DraftArgs a = make_args(draft, draft_stride_k, draft_stride_n, target,
-                                      target_stride_n, K, N, V, 1.0, decompose);
+         int64_t V, bool decompose, int path, const py::kwargs& row_maps) {
+        DraftArgs a = make_args(draft, draft_stride_k, draft_stride_n, target, target_stride_n, K,
+                                N, V, 1.0, decompose);
+        RowMaps::from(row_maps).apply(a);
         return plan_dict(make_plan(a, draft_dtype, target_dtype, path));
       },
-      "How a call runs on the current device: path, sizes and the workspace bytes it needs.",
+      "How a call runs on the current device: path, sizes and the workspace bytes it needs "
+      "(keyword arguments: the row maps of `draft_uncertainty`).",
       py::arg("draft"), py::arg("draft_dtype"), py::arg("draft_stride_k"),
       py::arg("draft_stride_n"), py::arg("target"), py::arg("target_dtype"),
       py::arg("target_stride_n"), py::arg("K"), py::arg("N"), py::arg("V"), py::arg("decompose"),
@@ -74,9 +115,10 @@ PYBIND11_MODULE(_cuda, m) {
          int64_t weights_stride, int64_t K, int64_t N, int64_t V, double temperature,
          bool decompose, uintptr_t stats, int64_t stats_stride, uintptr_t draft_lse,
          int64_t draft_lse_stride, uintptr_t target_lse, uintptr_t workspace,
-         size_t workspace_bytes, uintptr_t stream, int path) {
+         size_t workspace_bytes, uintptr_t stream, int path, const py::kwargs& row_maps) {
         DraftArgs a = make_args(draft, draft_stride_k, draft_stride_n, target, target_stride_n, K,
                                 N, V, temperature, decompose);
+        RowMaps::from(row_maps).apply(a);
         a.weights = reinterpret_cast<const float*>(weights);
         a.weights_stride = weights_stride;
         a.stats = reinterpret_cast<float*>(stats);
@@ -88,7 +130,10 @@ PYBIND11_MODULE(_cuda, m) {
         launch(a, draft_dtype, target_dtype, plan, reinterpret_cast<void*>(workspace),
                workspace_bytes, reinterpret_cast<cudaStream_t>(stream));
       },
-      "Enqueue draft_uncertainty on `stream` (see epikern/backends/cuda.py for the contract).",
+      "Enqueue draft_uncertainty on `stream` (see epikern/backends/cuda.py for the contract). "
+      "Keyword arguments draft_index, draft_index64, draft_rows, target_index, target_index64, "
+      "target_rows, inv_temperature, inv_temperature_stride: the row maps of "
+      "draft_uncertainty_rows (N output rows read through int32/int64 maps at per-row 1/T).",
       py::arg("draft"), py::arg("draft_dtype"), py::arg("draft_stride_k"),
       py::arg("draft_stride_n"), py::arg("target"), py::arg("target_dtype"),
       py::arg("target_stride_n"), py::arg("weights"), py::arg("weights_stride"), py::arg("K"),

@@ -55,11 +55,15 @@ __device__ __forceinline__ Span this_span(const DraftArgs& a, const SplitArgs& s
 template <class TD, class TP>
 __global__ void __launch_bounds__(kThreads, 2) split_sweep1_kernel(DraftArgs a, SplitArgs s) {
   const Span sp = this_span(a, s);
+  if (row_skipped(a, sp.row)) {  // every CTA of the row returns here: its counter stays 0
+    if (sp.index == 0 && threadIdx.x == 0) write_skipped(a, sp.row);
+    return;
+  }
   const int K = a.K;
-  const TD* draft = static_cast<const TD*>(a.draft) + sp.row * a.draft_stride_n + sp.begin;
+  const TD* draft = static_cast<const TD*>(a.draft) + draft_row(a, sp.row) * a.draft_stride_n + sp.begin;
   const TP* p = a.target == nullptr
                     ? nullptr
-                    : static_cast<const TP*>(a.target) + sp.row * a.target_stride_n + sp.begin;
+                    : static_cast<const TP*>(a.target) + target_row(a, sp.row) * a.target_stride_n + sp.begin;
   SoftmaxState* part = s.part1 + (sp.local * s.splits + sp.index) * (K + 1);
   __shared__ SoftmaxState scratch[kWarps][kStates];
 
@@ -77,8 +81,8 @@ __global__ void __launch_bounds__(kThreads, 2) split_sweep1_kernel(DraftArgs a, 
     dst[kGroup] = with_p ? part + K : nullptr;  // an empty state when there is no reference
 #pragma unroll
     for (int j = 0; j < kStates; ++j) st[j] = softmax_state_empty();
-    sweep1_span<8, true>(rows, kb, p, with_p, a.scale, 0, sp.vec_count, st);
-    sweep1_span<1, true>(rows, kb, p, with_p, a.scale, sp.vec_count, sp.count - sp.vec_count, st);
+    sweep1_span<8, true>(rows, kb, p, with_p, row_scale(a, sp.row), 0, sp.vec_count, st);
+    sweep1_span<1, true>(rows, kb, p, with_p, row_scale(a, sp.row), sp.vec_count, sp.count - sp.vec_count, st);
     block_merge(st, scratch, dst);
   }
   if (!last_cta_of_row(s.counters + sp.local, s.splits)) return;
@@ -102,6 +106,7 @@ __global__ void __launch_bounds__(kThreads, 2) split_sweep1_kernel(DraftArgs a, 
 template <class TD, class TP>
 __global__ void __launch_bounds__(kThreads, 2) split_sweep2_kernel(DraftArgs a, SplitArgs s) {
   const Span sp = this_span(a, s);
+  if (row_skipped(a, sp.row)) return;  // written by sweep 1
   const int K = a.K;
   extern __shared__ float4 dynamic_smem[];
   float* lse = reinterpret_cast<float*>(dynamic_smem);  // [K + 1], written by sweep 1
@@ -110,13 +115,13 @@ __global__ void __launch_bounds__(kThreads, 2) split_sweep2_kernel(DraftArgs a, 
   for (int k = threadIdx.x; k < K; k += kThreads) logw[k] = logf(a.weights[k * a.weights_stride]);
   __syncthreads();
 
-  const TD* draft = static_cast<const TD*>(a.draft) + sp.row * a.draft_stride_n + sp.begin;
+  const TD* draft = static_cast<const TD*>(a.draft) + draft_row(a, sp.row) * a.draft_stride_n + sp.begin;
   const TP* p = a.target == nullptr
                     ? nullptr
-                    : static_cast<const TP*>(a.target) + sp.row * a.target_stride_n + sp.begin;
+                    : static_cast<const TP*>(a.target) + target_row(a, sp.row) * a.target_stride_n + sp.begin;
   float acc[3] = {0.f, 0.f, 0.f};
-  sweep2_span<8, true>(draft, a.draft_stride_k, K, p, lse, logw, a.scale, 0, sp.vec_count, acc);
-  sweep2_span<1, true>(draft, a.draft_stride_k, K, p, lse, logw, a.scale, sp.vec_count,
+  sweep2_span<8, true>(draft, a.draft_stride_k, K, p, lse, logw, row_scale(a, sp.row), 0, sp.vec_count, acc);
+  sweep2_span<1, true>(draft, a.draft_stride_k, K, p, lse, logw, row_scale(a, sp.row), sp.vec_count,
                        sp.count - sp.vec_count, acc);
   __shared__ float scratch[kWarps][3];
   float* row_parts = s.part2 + sp.local * s.splits * 3;

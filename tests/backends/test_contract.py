@@ -12,7 +12,7 @@ from epikern.backends import contract
 MODULES = {
     "epikern.backends.reference": ("draft_uncertainty", "draft_uncertainty_rows", "forward_kl", "forward_kl_backward"),
     "epikern.backends.cpu": ("draft_uncertainty", "draft_uncertainty_rows", "forward_kl", "forward_kl_backward"),
-    "epikern.backends.cuda": ("draft_uncertainty",),
+    "epikern.backends.cuda": ("draft_uncertainty", "draft_uncertainty_rows"),
     "epikern.backends.triton": ("draft_uncertainty", "draft_uncertainty_rows", "forward_kl", "forward_kl_backward"),
     "epikern.backends.triton.launch": ("draft_uncertainty", "draft_uncertainty_rows"),
 }

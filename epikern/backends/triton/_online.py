@@ -208,15 +208,14 @@ def sweep_mixture(D, T, k, kmask, stride_dk, lo, hi, inv_temp, lse, w, lse_p,
 
 
 @triton.jit
-def store_row(STATS, DLSE, TLSE, n, stride, k, kmask, eu, jsd, kl, draft_entropy, mixture_entropy,
+def store_row(STATS, DLSE, TLSE, n, N, k, kmask, eu, jsd, kl, draft_entropy, mixture_entropy,
               target_entropy, lse, lse_p):
-    """Write column ``n`` of the outputs ``stats [6, ·]``, ``draft_lse [K, ·]``, ``target_lse``
-    whose rows are ``stride`` elements apart (N for the packed outputs of ``draft_uncertainty``)."""
+    """Write one row of the packed outputs ``stats [6, N]``, ``draft_lse [K, N]``, ``target_lse [N]``."""
     tl.store(STATS + n, eu)
-    tl.store(STATS + stride + n, jsd)
-    tl.store(STATS + 2 * stride + n, kl)
-    tl.store(STATS + 3 * stride + n, draft_entropy)
-    tl.store(STATS + 4 * stride + n, mixture_entropy)
-    tl.store(STATS + 5 * stride + n, target_entropy)
-    tl.store(DLSE + k.to(tl.int64) * stride + n, lse, mask=kmask)
+    tl.store(STATS + N + n, jsd)
+    tl.store(STATS + 2 * N + n, kl)
+    tl.store(STATS + 3 * N + n, draft_entropy)
+    tl.store(STATS + 4 * N + n, mixture_entropy)
+    tl.store(STATS + 5 * N + n, target_entropy)
+    tl.store(DLSE + k.to(tl.int64) * N + n, lse, mask=kmask)
     tl.store(TLSE + n, lse_p)
