@@ -7,7 +7,7 @@ weight in HF's ``[out, in]`` layout and in the transposed (``in_major``) one, an
 ms and as a multiple of one row. On a GPU or with a BLAS tuned for small m the multiples stay
 near 1; where they grow like m, a verification costs m steps and speculative decoding cannot win.
 
-    python benchmarks/bench_rows.py [--rows 1 2 3 5 9] [--threads 1] [--repeats 50]
+    python benchmarks/bench_verify_linear.py [--rows 1 2 3 5 9] [--threads 1] [--repeats 50]
 """
 
 import argparse

@@ -228,3 +228,32 @@ def test_fake_tensors_and_empty_maps():
     empty = ek.draft_uncertainty_rows(torch.randn(2, 3, 10), torch.randn(3, 10),
                                       target_rows=torch.empty(0, dtype=torch.int64), draft_rows=torch.empty(0, dtype=torch.int64))
     assert empty.eu.shape == (0,) and empty.draft_lse.shape == (2, 0)
+
+
+# --- the examples of docs/engines.md --------------------------------------------------------------
+
+def test_docs_custom_decoder_example():
+    g = torch.Generator().manual_seed(9)
+    K, B, gamma, V, dev = 3, 2, 4, 90, "cpu"
+    draft_logits = torch.randn(K, B, gamma, V, generator=g)
+    target_logits = torch.randn(B, gamma + 1, V, generator=g)
+    j = torch.arange(gamma, device=dev)
+    b = torch.arange(B, device=dev)[:, None]
+    target_rows = (b * (gamma + 1) + j).reshape(-1)
+    u = ek.draft_uncertainty_rows(draft_logits, target_logits, target_rows=target_rows)
+    eu = u.eu.view(B, gamma)
+    assert_close("eu", eu, ek.draft_uncertainty(draft_logits, target_logits[:, :gamma]).eu)
+
+
+def test_docs_sglang_example():
+    g = torch.Generator().manual_seed(10)
+    K, B, dtn, V, dev = 2, 3, 5, 70, "cpu"
+    draft_logits = torch.randn(K, B, dtn - 1, V, generator=g)
+    next_token_logits = torch.randn(B * dtn, V, generator=g)
+    j = torch.arange(dtn, device=dev)
+    draft_rows = torch.where(j < dtn - 1, torch.arange(B, device=dev)[:, None] * (dtn - 1) + j, -1).reshape(-1)
+    u = ek.draft_uncertainty_rows(draft_logits, next_token_logits, draft_rows=draft_rows)
+    eu = u.eu.view(B, dtn)
+    dense = ek.draft_uncertainty(draft_logits, next_token_logits.view(B, dtn, V)[:, :-1]).eu
+    assert_close("eu", eu[:, :-1], dense)
+    assert bool(eu[:, -1].isnan().all())
