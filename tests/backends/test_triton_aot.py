@@ -53,10 +53,12 @@ class Spec:
     target: str = ""  # target logit dtype ("" = same as the drafts)
     has_target: bool = True
     decompose: bool = True
+    index: str = ""  # row-map dtype of the rows kernel ("i32" or "i64")
 
     @property
     def tag(self) -> str:
         flags = ("" if self.has_target else "-notarget") + ("" if self.decompose else "-eu")
+        flags += f"-{self.index}" if self.index else ""
         target = f"+{self.target}" if self.target else ""
         return f"{self.kernel}-k{self.k_pad}-{self.dtype}{target}{flags}"
 
@@ -70,9 +72,10 @@ class Report:
 
 
 def _kernels():
-    from epikern.backends.triton import row, split
+    from epikern.backends.triton import row, rows, split
     return {
         "row": row.draft_uncertainty_row_kernel,
+        "rows": rows.draft_uncertainty_rows_kernel,
         "split_states": split.split_states_kernel,
         "split_mixture": split.split_mixture_kernel,
         "split_finalize": split.split_finalize_kernel,
@@ -86,18 +89,20 @@ def specs() -> list[Spec]:
         for cfg in config.all_tile_configs(ITEMSIZE[dt]):
             names = ["row"] if cfg.path == "row" else ["split_states", "split_mixture"]
             out += [Spec(name, cfg.k_pad, cfg.block_v, cfg.num_warps, dt) for name in names]
+            if cfg.path == "row":  # draft_uncertainty_rows: the row configuration, int32 maps
+                out.append(Spec("rows", cfg.k_pad, cfg.block_v, cfg.num_warps, dt, index="i32"))
     for cfg in config.all_tile_configs(2):
         if cfg.path == "split":  # reads no logits: one specialisation per K_PAD
             out.append(Spec("split_finalize", cfg.k_pad, 0, config.FINALIZE_WARPS, "-"))
-    order = {"row": 0, "split_states": 1, "split_mixture": 2, "split_finalize": 3}
+    order = {"row": 0, "rows": 1, "split_states": 2, "split_mixture": 3, "split_finalize": 4}
     return sorted(out, key=lambda s: (s.k_pad, order[s.kernel], s.dtype))
 
 
 def flag_variants() -> list[Spec]:
-    """The lighter specialisations (no target, no mixture sweep, mixed draft/target dtypes) for
-    K_PAD ∈ {1, 4}: they share the code of :func:`specs` but must compile too (the interpreter does
-    not type-check loop-carried values, the compiler does)."""
-    uses = {"row": ("has_target", "decompose"), "split_states": ("has_target",),
+    """The lighter specialisations (no target, no mixture sweep, mixed draft/target dtypes, int64
+    row maps) for K_PAD ∈ {1, 4}: they share the code of :func:`specs` but must compile too (the
+    interpreter does not type-check loop-carried values, the compiler does)."""
+    uses = {"row": ("has_target", "decompose"), "rows": ("has_target", "decompose"), "split_states": ("has_target",),
             "split_mixture": ("has_target",), "split_finalize": ("has_target", "decompose")}
     main = set(specs())
     out = []
@@ -109,7 +114,8 @@ def flag_variants() -> list[Spec]:
                 if (not decompose and "decompose" not in uses[spec.kernel]):
                     continue
                 target = "fp32" if has_target and spec.dtype != "-" else ""
-                variant = replace(spec, target=target, has_target=has_target, decompose=decompose)
+                variant = replace(spec, target=target, has_target=has_target, decompose=decompose,
+                                  index="i64" if spec.index else "")
                 if variant not in main:
                     out.append(variant)
     return sorted(out, key=lambda v: v.tag)
@@ -117,14 +123,16 @@ def flag_variants() -> list[Spec]:
 
 #: Pointer arguments of the kernels; the others are fp32 (weights, workspace, outputs).
 _LOGIT_POINTERS = ("D", "T")
-_FP32_POINTERS = ("W", "STATS", "DLSE", "TLSE", "WS_D", "WS_T", "WS_M")
+_FP32_POINTERS = ("W", "STATS", "DLSE", "TLSE", "WS_D", "WS_T", "WS_M", "ITEMP", "OUT")
+#: Row-map pointers of the rows kernel (``Spec.index``).
+_INDEX_POINTERS = ("DMAP", "TMAP")
 
 
 def _signature(fn, spec: Spec):
     """(signature, constexprs, attrs) for ``triton.compiler.ASTSource`` (triton ≥ 3.3 API)."""
     constexprs = {"K_PAD": spec.k_pad, "BLOCK_V": spec.block_v, "CHUNK_BLOCK":
                   config.chunk_block_for(spec.k_pad), "HAS_TARGET": spec.has_target,
-                  "DECOMPOSE": spec.decompose}
+                  "DECOMPOSE": spec.decompose, "HAS_DMAP": True, "HAS_TMAP": True}
     dtypes = {"D": spec.dtype, "T": spec.target if spec.target and spec.has_target else spec.dtype}
     constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
     signature, attrs = {}, {}
@@ -136,9 +144,12 @@ def _signature(fn, spec: Spec):
         elif name in _LOGIT_POINTERS or name in _FP32_POINTERS:
             signature[name] = "*" + dtypes.get(name, "fp32")
             attrs[(i,)] = [["tt.divisibility", 16]]
+        elif name in _INDEX_POINTERS:
+            signature[name] = "*" + spec.index
+            attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[name] = "i32"
-            if name.startswith("stride") or name in ("V", "CHUNK_V"):
+            if (name.startswith("stride") and name != "stride_it") or name in ("V", "CHUNK_V"):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     return signature, constexprs, attrs
 
@@ -245,6 +256,8 @@ def test_every_dispatcher_config_is_enumerated():
                     kernels = ["row"] if c.path == "row" else ["split_states", "split_mixture"]
                     for kernel in kernels:
                         assert (kernel, c.k_pad, c.block_v, c.num_warps, dt) in compiled
+                    rows = config.choose(K, config.SPLIT_MAX_ROWS + 1, V, dtype)  # the rows kernel's
+                    assert ("rows", rows.k_pad, rows.block_v, rows.num_warps, dt) in compiled
                     assert c.path == "row" or c.k_pad in finalize
                     assert c.chunk_block == config.chunk_block_for(c.k_pad)
                     assert 1 <= c.chunks <= config.MAX_CHUNKS
