@@ -38,6 +38,7 @@ def draft_uncertainty_rows_kernel(
     skip = (d < 0) | (d >= R_D) | (inv_temp <= 0.0) | (inv_temp == float("inf")) | (inv_temp != inv_temp)
     if HAS_TARGET:
         skip = skip | (r < 0) | (r >= R_T)
+    # store_row's row stride N is stride_out here: OUT packs stats, draft_lse and target_lse
     STATS = OUT
     DLSE = OUT + 6 * stride_out
     TLSE = OUT + (6 + K) * stride_out
