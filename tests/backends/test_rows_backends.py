@@ -15,7 +15,8 @@ from epikern.backends import contract, entry
 from tests._layouts import LAYOUTS, assert_rows_match, dense_expected, make_layout
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+pytestmark = [pytest.mark.triton,
+              pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")]
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
