@@ -145,6 +145,8 @@ def draft_uncertainty_rows(
     V = draft_logits.shape[-1]
     draft = _checks.last_dim_contiguous(draft_logits.reshape(K, -1, V))
     target = None if target_logits is None else _checks.last_dim_contiguous(target_logits.reshape(-1, V))
+    if target is None and target_rows is not None:
+        raise ValueError("target_rows was given without target_logits")
     draft_map = _row_map("draft_rows", draft_rows)
     target_map = None if target is None else _row_map("target_rows", target_rows)
     N = _output_rows(draft, target, draft_map, target_map)

@@ -161,6 +161,8 @@ def test_bad_maps():
         call(temperature=torch.ones(12, dtype=torch.int64))
     with pytest.raises(ValueError, match=r"temperature must be finite and > 0"):
         call(temperature=0.0)
+    with pytest.raises(ValueError, match=r"target_rows was given without target_logits"):
+        ek.draft_uncertainty_rows(lay.draft, None, target_rows=lay.target_rows)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
