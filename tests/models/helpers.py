@@ -8,6 +8,7 @@ import itertools
 from typing import NamedTuple
 
 import numpy as np
+import pytest
 import torch
 import transformers
 from scipy import stats
@@ -33,6 +34,16 @@ CONFIGS = {
         "vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "max_position_embeddings": 256, **kw}),
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models are dispatch-bound: extra threads only add contention on a shared machine (use
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")`` after importing it)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_model(arch: str = "llama", seed: int = 0, **overrides):

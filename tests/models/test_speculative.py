@@ -12,19 +12,12 @@ import epikern as ek
 from epikern.eval.speculative_bench import early_exit_drafts
 from epikern.models import DraftEnsemble, DraftEstimator
 from epikern.models.decoding import DecodingStats
-from .helpers import TEMPERATURE, V_SMALL, chi_square_pvalue, sequence_index, small_vocab_laws, tiny_model
+from .helpers import (TEMPERATURE, V_SMALL, chi_square_pvalue, one_thread, sequence_index,  # noqa: F401
+                      small_vocab_laws, tiny_model)
 
 EU_ATOL = 1e-4
 COMBOS = [(1, 0), (1, 2), (4, 0), (4, 2)]  # (K, S)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models are dispatch-bound: extra threads only add contention on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,1 @@
+"""Adapters that put epikern's EU into other decoders (HF transformers, vLLM)."""
