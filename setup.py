@@ -10,13 +10,26 @@ The CMake build directory is ``build/cmake-<python tag>`` (kept between builds, 
 Environment variables:
 
 ``EPIKERN_CPU_ARCH``
-    ``-march`` of the CPU module. Default ``native``: the fastest code for the build machine,
-    which may crash with "illegal instruction" on an older CPU. For a binary that runs on any
-    x86-64 CPU of the last decade use ``EPIKERN_CPU_ARCH=portable`` (= ``x86-64-v2``; on other
-    architectures the compiler default); any other ``-march`` value also works, e.g.
-    ``EPIKERN_CPU_ARCH=x86-64-v3`` (AVX2/FMA)::
+    Unset (default): the CPU kernels are compiled once per instruction set — on x86-64 for
+    ``baseline`` (x86-64-v2), ``avx2`` (x86-64-v3: AVX2/FMA) and ``avx512`` (x86-64-v4) — into one
+    module, which picks the best variant the CPU (and its OS) supports at import, so one wheel runs
+    on any x86-64 CPU of the last decade at AVX-512 speed where there is AVX-512; on other
+    architectures one variant for the compiler default. A ``-march`` value instead builds one
+    variant (``custom``) with it, e.g. ``EPIKERN_CPU_ARCH=native`` for the build machine only.
+``EPIKERN_CPU_ISA`` (at run time, not build time)
+    ``baseline``, ``avx2`` or ``avx512`` forces that variant (import fails with the reason when the
+    CPU lacks it); unset or ``auto``: the best. ``epikern backends`` says which runs.
+``EPIKERN_SANITIZE``
+    ``-fsanitize=`` value for the CPU module, e.g. ``address,undefined`` (built in its own
+    ``build/cmake-<tag>-sanitize`` directory). The CPU kernel tests under ASan + UBSan, from the
+    checkout (ASan's runtime must be loaded before Python's allocator runs, hence ``LD_PRELOAD``;
+    CPython's own allocations look like leaks, hence ``detect_leaks=0``)::
 
-        EPIKERN_CPU_ARCH=portable pip wheel . --no-build-isolation -w dist/
+        EPIKERN_SANITIZE=address,undefined EPIKERN_CUDA=0 python setup.py build_ext --inplace
+        LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+            UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider \\
+            tests/backends/test_cpu_kernel.py tests/backends/test_cpu_isa.py
+        EPIKERN_CUDA=0 python setup.py build_ext --inplace   # back to the regular module
 
 ``EPIKERN_CUDA=0``
     skip the CUDA module even if nvcc is found.
@@ -85,7 +98,8 @@ class CMakeBuild(build_ext):
             Path(self.get_ext_fullpath(ext.name)).unlink(missing_ok=True)
         # A fixed directory under build/ (setuptools' build_temp is a throw-away temp dir for
         # editable installs), so that rebuilds are incremental.
-        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        sanitize = os.environ.get("EPIKERN_SANITIZE", "")
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}{'-sanitize' if sanitize else ''}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cuda = os.environ.get("EPIKERN_CUDA", "1") not in ("0", "OFF", "off", "false", "no")
         args = [
@@ -97,7 +111,8 @@ class CMakeBuild(build_ext):
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DEPIKERN_OUTPUT_DIR={out_dir}",
-            f"-DEPIKERN_CPU_ARCH={os.environ.get('EPIKERN_CPU_ARCH', 'native')}",
+            f"-DEPIKERN_CPU_ARCH={os.environ.get('EPIKERN_CPU_ARCH', '')}",
+            f"-DEPIKERN_SANITIZE={sanitize}",
             f"-DEPIKERN_CUDA={'ON' if cuda else 'OFF'}",
         ]
         archs = os.environ.get("EPIKERN_CUDA_ARCHS")

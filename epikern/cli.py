@@ -30,6 +30,7 @@ def _backends(_args: argparse.Namespace) -> int:
     import torch
 
     from . import backends
+    from .backends import cpu
 
     for name in backends.BACKENDS:
         try:
@@ -37,6 +38,8 @@ def _backends(_args: argparse.Namespace) -> int:
             status = "available"
             if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 status += " for CUDA tensors (none here; CPU tensors need TRITON_INTERPRET=1)"
+            if name == "cpu":
+                status += f", {cpu.isa_summary()}"
         except backends.BackendUnavailableError as exc:
             status = f"unavailable: {exc}"
         print(f"{name:7s} {status}")

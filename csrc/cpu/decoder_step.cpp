@@ -30,11 +30,12 @@
 #include <string>
 #include <vector>
 
+#include "isa.h"
 #include "simd.h"
 
 namespace py = pybind11;
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 namespace {
 
 namespace S = simd;
@@ -277,4 +278,4 @@ void bind_decoder_step(py::module_& m) {
         "Fused decode step of a DraftEnsemble (epikern/models/fused_step.py); raw pointers, float32.");
 }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

@@ -53,11 +53,12 @@
 
 #include "dtype.h"
 #include "epikern/online_softmax.h"
+#include "isa.h"
 #include "simd.h"
 
 namespace py = pybind11;
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 namespace {
 
 namespace S = simd;
@@ -718,4 +719,4 @@ void bind_draft_uncertainty(py::module_& m) {
         "draft_uncertainty does.");
 }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

@@ -6,8 +6,9 @@
 #include <string>
 
 #include "fast_math.h"
+#include "isa.h"
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 
 // Dtype codes passed from Python (epikern/backends/cpu.py: _DTYPE_CODES).
 enum DtypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -34,4 +35,4 @@ decltype(auto) dispatch_dtype(int code, F&& f) {
   throw std::invalid_argument("epikern._cpu: unknown dtype code " + std::to_string(code));
 }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

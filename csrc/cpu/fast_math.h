@@ -10,8 +10,9 @@
 #include <limits>
 
 #include "epikern/online_softmax.h"  // EPIKERN_INLINE
+#include "isa.h"
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 
 EPIKERN_INLINE float bits_to_float(uint32_t u) {
   float f;
@@ -65,4 +66,4 @@ EPIKERN_INLINE float half_to_float(uint16_t h) {
 // bfloat16 → float: the upper 16 bits of a float.
 EPIKERN_INLINE float bf16_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

@@ -23,10 +23,11 @@
 #include "dtype.h"
 #include "epikern/online_softmax.h"
 #include "fast_math.h"
+#include "isa.h"
 
 namespace py = pybind11;
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 namespace {
 
 constexpr int64_t kBlock = 2048;  // forward block: two 8 KiB fp32 buffers per thread
@@ -261,4 +262,4 @@ void bind_forward_kl(py::module_& m) {
         "Test hook: the kernels' round-to-nearest-even float32 → float16/bfloat16, as uint16 bits.");
 }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

@@ -9,11 +9,12 @@
 #include <ctime>
 #include <vector>
 
+#include "isa.h"
 #include "simd.h"
 
 namespace py = pybind11;
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 namespace {
 
 namespace S = simd;
@@ -92,4 +93,4 @@ void bind_microbench(py::module_& m) {
   m.attr("_simd_width") = S::kWidth;
 }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

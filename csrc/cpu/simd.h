@@ -17,8 +17,10 @@
 #endif
 
 #include "dtype.h"
+#include "isa.h"
 
-namespace epikern::cpu::simd {
+EPIKERN_CPU_NAMESPACE_BEGIN
+namespace simd {
 
 #if defined(__AVX512F__)
 inline constexpr int kWidth = 16;
@@ -163,4 +165,5 @@ EPIKERN_INLINE vf log2(vf x) {
   return ln1p * 1.44269504088896341f + __builtin_convertvector(e, vf);
 }
 
-}  // namespace epikern::cpu::simd
+}  // namespace simd
+EPIKERN_CPU_NAMESPACE_END

@@ -9,11 +9,12 @@
 
 #include "epikern/online_softmax.h"
 #include "fast_math.h"
+#include "isa.h"
 #include "simd.h"
 
 namespace py = pybind11;
 
-namespace epikern::cpu {
+EPIKERN_CPU_NAMESPACE_BEGIN
 namespace {
 
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
@@ -100,4 +101,4 @@ void bind_test_hooks(py::module_& m) {
         py::arg("lse_p"), py::arg("has_p"));
 }
 
-}  // namespace epikern::cpu
+EPIKERN_CPU_NAMESPACE_END

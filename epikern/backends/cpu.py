@@ -2,7 +2,9 @@
 
 The kernels read fp32/fp16/bf16 logits in place through raw pointers with int64 element strides
 (unit stride over the vocabulary) and write float32 outputs; they run on
-``torch.get_num_threads()`` threads and release the GIL.
+``torch.get_num_threads()`` threads and release the GIL. The module holds one variant of the
+kernels per instruction set (x86-64: ``baseline``, ``avx2``, ``avx512``) and runs the best one the
+CPU supports, or the one ``EPIKERN_CPU_ISA`` names (:func:`isa_summary`).
 """
 
 from __future__ import annotations
@@ -30,10 +32,22 @@ except ImportError as exc:  # not built, or built for another Python / CPU
 def check_available() -> None:
     """Raise :class:`BackendUnavailableError` when the compiled module cannot be imported."""
     if _cpu is None:
+        # a forced ISA this CPU lacks says so itself; otherwise the module is missing or stale
+        hint = "" if "EPIKERN_CPU_ISA" in _IMPORT_ERROR else (
+            "; run `pip install -e .` in the epikern checkout to build it")
         raise BackendUnavailableError(
             f"backend 'cpu' needs the compiled module epikern._cpu, which failed to import "
-            f"({_IMPORT_ERROR}); run `pip install -e .` in the epikern checkout to build it"
+            f"({_IMPORT_ERROR}){hint}"
         )
+
+
+def isa_summary() -> str:
+    """Which instruction-set variant of the kernels runs and why, in one line."""
+    check_available()
+    isa = _cpu.isa()
+    flags = _cpu.isa_flags[isa] or "the compiler's default target"
+    return (f"ISA {isa} ({flags}); built: {', '.join(_cpu.isas)}; this CPU runs: "
+            f"{', '.join(_cpu.supported_isas())}; EPIKERN_CPU_ISA=<name> forces one")
 
 
 def _dtype_code(name: str, x: Tensor) -> int:

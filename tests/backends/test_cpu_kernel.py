@@ -2,7 +2,8 @@
 the module's ``_test_*`` hooks), the work counters, thread-count determinism, strides and int64
 offsets, and the kernel paths the SPEC §8 matrix does not reach: jumps of the max, the split
 vocabulary, and sweep 2 with the exponentials of sweep 1 kept or recomputed (forced with
-``keep_bytes``) for K ∈ {1, 2, 4, 7, 8, 9, 12}."""
+``keep_bytes``) for K ∈ {1, 2, 4, 7, 8, 9, 12}. Every test runs once per ISA variant of the module
+that this CPU supports (baseline, avx2, avx512 on x86-64)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from tests._cases import (assert_close_stats, assert_special_rows, make_logits, 
 _cpu = pytest.importorskip("epikern._cpu", reason="epikern._cpu is not built (pip install -e .)")
 
 FLT_MIN = np.float32(1.17549435e-38)
+
+pytestmark = pytest.mark.usefixtures("cpu_isa")  # every test once per ISA variant (conftest.py)
 
 
 KEEP = {"kept": 1 << 40, "recomputed": 0}  # keep_bytes that force each sweep-2 path
