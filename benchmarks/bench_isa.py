@@ -82,7 +82,7 @@ def _start(spec: str, threads: int, block_seconds: float) -> tuple[str, subproce
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--build", action="append", required=True,
+    ap.add_argument("--build", action="append", default=[],
                     help="name=checkout[:isa]; the first build is the baseline of the ratios")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--threads", type=int, default=1)
@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         _worker(args.threads, args.block_seconds)
         return 0
+    if not args.build:
+        ap.error("give at least one --build")
     workers = [_start(spec, args.threads, args.block_seconds) for spec in args.build]
     raw = {case: {name: [] for name, _, _ in workers} for case in args.cases}
     for r in range(args.rounds):
