@@ -120,17 +120,20 @@ def test_infinite_and_nan_rows(emulate):
     assert_special_rows(out)
 
 
+@pytest.mark.parametrize("mass_first", [True, False], ids=["mass-first", "peak-first"])
 @pytest.mark.parametrize("spread", [95.0, 120.0])
-def test_masked_reference_past_the_flush(emulate, spread):
-    """Mass at an entry where the reference is −inf, then a logit ``spread`` nats higher: the
-    device exp flushes the rescale factor to 0 (below −87.3 nats) and 0·(c = +inf) would be NaN;
-    eu is +inf (the float64 reference's value) and nothing is NaN."""
+def test_masked_reference_past_the_flush(emulate, spread, mass_first):
+    """Mass at an entry where the reference is −inf and a logit ``spread`` nats higher elsewhere.
+    Mass first: the device exp flushes the rescale factor to 0 (below −87.3 nats) and 0·(c = +inf)
+    would be NaN. Peak first, in the same 8-wide chunk: the entry's own e^{x−m} flushes to 0. eu is
+    +inf either way (the float64 reference's value) and nothing is NaN."""
     V = 1000
     draft = make_logits((2, 3, V), "normal", generator=_gen(8))
     target = make_logits((3, V), "normal", generator=_gen(9))
-    draft[:, :, 1] = 0.0
-    target[:, 1] = -math.inf
-    draft[:, :, V - 2] = spread
+    mass, peak = (1, V - 2) if mass_first else (V - 2, V - 3)
+    draft[:, :, mass] = 0.0
+    target[:, mass] = -math.inf
+    draft[:, :, peak] = spread
     out = emulate(draft, target)
     assert torch.isposinf(reference_stats(draft, target)["eu"]).all()
     for field in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):

@@ -5,7 +5,8 @@ reference gives probability 0 has ``KL = +inf``. The kernels carry that as a cro
 in their online-softmax state; when a later block (or a merged partial state) raises the running
 max by more than ~87 nats the rescale factor ``e^{m − m'}`` flushes to 0 (the device's
 ``ex2.approx.ftz``; any fp32 exp below −104 nats), and ``0·inf`` would be NaN. The masked entry
-comes first in each row here, so its +inf is in a state before the max jumps. Spreads: 95 nats
+comes first (its +inf is in a state before the max jumps) or last (its ``e^{x−m}`` underflows:
+still +inf, as forward_kl's cross term already is). Spreads: 95 nats
 (the flush window of the device exp; every fp32 exp on the host still sees the mass) and 120 nats
 (beyond fp32's exp range: host exps flush too). The device's own arithmetic is emulated on the
 host by ``test_cuda_row_math.py``.
@@ -53,23 +54,30 @@ def backend(request, monkeypatch):
     return name, device
 
 
-def _masked_rows(spread: float, K: int = 2, N: int = 3, seed: int = 0):
-    """``draft [K, N, V]``, ``target [N, V]``: every draft has logit 0 at entry 1 where the target is
-    −inf, and ``spread`` at entry V − 2 (a later block); the rest ~ N(0, 1)."""
+def _masked_rows(spread: float, K: int = 2, N: int = 3, seed: int = 0, mass_first: bool = True):
+    """``draft [K, N, V]``, ``target [N, V]``: every draft has logit 0 at one entry where the target
+    is −inf, and ``spread`` at another, in a later block (``mass_first``) or an earlier one; the rest
+    ~ N(0, 1)."""
     g = torch.Generator().manual_seed(seed)
     draft = torch.randn(K, N, V, generator=g)
     target = torch.randn(N, V, generator=g)
-    draft[:, :, 1] = 0.0
-    target[:, 1] = -math.inf
-    draft[:, :, V - 2] = spread
+    mass, peak = (1, V - 2) if mass_first else (V - 2, 1)
+    draft[:, :, mass] = 0.0
+    target[:, mass] = -math.inf
+    draft[:, :, peak] = spread
     return draft, target
 
 
+@pytest.mark.parametrize("mass_first", [True, False], ids=["mass-first", "peak-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("spread", SPREADS)
-def test_draft_uncertainty_is_inf(backend, spread, dtype):
+def test_draft_uncertainty_is_inf(backend, spread, dtype, mass_first, request):
     name, device = backend
-    draft, target = _masked_rows(spread)
+    if name == "cpu" and not mass_first:
+        # the CPU kernel's vectorised cross term (csrc/cpu/draft_uncertainty.cpp, pass1) still counts
+        # an entry whose e^{x−r} underflowed as 0, also against a −inf reference: eu is finite there
+        request.applymarker(pytest.mark.xfail(strict=True, reason="cpu pass1 cross term: follow-up"))
+    draft, target = _masked_rows(spread, mass_first=mass_first)
     draft, target = draft.to(dtype), target.to(dtype)
     oracle = reference.draft_uncertainty(draft, target, torch.full((2,), 0.5))[0]
     assert torch.isposinf(oracle[0]).all() and torch.isposinf(oracle[2]).all()  # eu, kl
@@ -77,18 +85,20 @@ def test_draft_uncertainty_is_inf(backend, spread, dtype):
     for field in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):
         assert not getattr(out, field).isnan().any(), f"{name}: NaN in {field}"
     assert torch.isposinf(out.eu).all(), f"{name}: eu = {out.eu.tolist()}"
-    if spread < 100:  # q̄ = e^{−95}·… is still a (denormal) fp32 number on the host: kl = +inf
+    if spread < 100 and mass_first:  # q̄ = e^{−95}·… is a (denormal) fp32 number on the host
         assert torch.isposinf(out.kl.cpu()).all() or device == "cuda", f"{name}: kl = {out.kl.tolist()}"
     assert torch.isfinite(out.jsd).all() and torch.isfinite(out.draft_lse).all()
 
 
+@pytest.mark.parametrize("mass_first", [True, False], ids=["mass-first", "peak-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("spread", SPREADS)
-def test_forward_kl_is_inf(backend, spread, dtype):
+def test_forward_kl_is_inf(backend, spread, dtype, mass_first):
     name, device = backend
     if name == "cuda":
         pytest.skip("backend 'cuda' has no forward_kl")
-    teacher, student = _masked_rows(spread, K=1)[0][0], _masked_rows(spread, K=1, seed=1)[1]
+    teacher, student = (_masked_rows(spread, K=1, mass_first=mass_first)[0][0],
+                        _masked_rows(spread, K=1, seed=1, mass_first=mass_first)[1])
     teacher, student = teacher.to(dtype), student.to(dtype)  # teacher mass where the student is −inf
     assert torch.isposinf(reference.forward_kl(student, teacher, reduction="none")).all()
     loss = ek.forward_kl(student.to(device), teacher.to(device), reduction="none", backend=name)

@@ -80,12 +80,14 @@ struct SoftmaxTerms {
 };
 
 // x − r is clamped at −104 (NaN kept): e^{−104} = 0 in fp32, so e·(x − r) = 0 there without a
-// 0·(−inf) for x = −inf.
+// 0·(−inf) for x = −inf. A finite x against y = −inf gives c = +inf even where e underflowed (its
+// probability is positive in exact arithmetic), as forward_kl's cross term does.
 template <class ExpFn>
 EPIKERN_INLINE SoftmaxTerms softmax_terms(float x, float y, float r, ExpFn exp_fn) {
   const float d = -104.f > x - r ? -104.f : x - r;
   const float e = exp_fn(d);
-  return SoftmaxTerms{e, e * d, prob_times(e, x - y)};
+  const float xy = x - y;  // +inf only for a finite x against y = −inf (−inf − (−inf) is NaN)
+  return SoftmaxTerms{e, e * d, xy == INFINITY ? xy : prob_times(e, xy)};
 }
 
 // Add one element x (with reference logit y; pass y = x when there is no cross term) to a

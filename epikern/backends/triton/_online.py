@@ -9,7 +9,8 @@ so that ``lse = m + log s``, ``H = log s − t/s`` and ``KL(q ‖ p) = c/s − l
 to a new maximum ``m' ≥ m``: ``s' = e^{m−m'} s``, ``t' = e^{m−m'} (t + (m − m') s)``,
 ``c' = e^{m−m'} c``; two partial states merge with the same formulas. ``−inf`` entries have
 ``e^{x−m} = 0`` and contribute nothing (``0·(−inf)`` is never formed); a state that has seen only
-``−inf`` keeps ``m = −inf, s = t = c = 0``; ``c = +inf`` (mass where ``p = 0``) stays ``+inf``; NaN
+``−inf`` keeps ``m = −inf, s = t = c = 0``; a finite ``x`` against ``y = −inf`` (mass where
+``p = 0``) makes ``c = +inf`` even where ``e^{x−m}`` underflows, and ``c`` stays ``+inf``; NaN
 propagates through ``s`` into every result of its row.
 """
 
@@ -43,8 +44,9 @@ def block_update(m, s, t, c, x, y, HAS_C: tl.constexpr):
     e = tl.exp(xm)
     s += tl.sum(e, axis=1)
     t += tl.sum(tl.where(e == 0.0, 0.0, e * xm), axis=1)
-    if HAS_C:
-        c += tl.sum(tl.where(e == 0.0, 0.0, e * (x - y)), axis=1)
+    if HAS_C:  # a finite x against y = −inf is +inf even where e underflowed (as in forward_kl)
+        xy = x - y
+        c += tl.sum(tl.where(xy == float("inf"), xy, tl.where(e == 0.0, 0.0, e * xy)), axis=1)
     return m_new, s, t, c
 
 
