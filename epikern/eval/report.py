@@ -40,6 +40,8 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
+from ..atomic import write_atomic
+
 __all__ = ["REQUIRED_METHODS", "METHOD_METRICS", "CONVENTIONS", "machine_info", "versions",
            "to_json_compatible", "validate_report", "write_report", "format_table", "format_markdown"]
 
@@ -243,20 +245,11 @@ def validate_report(report: Mapping) -> dict:
     return r
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_report(out_dir, report: Mapping) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``out_dir``; return both paths.
 
     Adds ``conventions`` (:data:`CONVENTIONS`) and ``created`` (UTC, ISO 8601) when absent. Each
-    file is written atomically. If the report fails :func:`validate_report`, what it holds is still
+    file is written atomically and durably (:mod:`epikern.atomic`). If the report fails :func:`validate_report`, what it holds is still
     saved as ``report.invalid.json`` (nothing is lost) before the ``ValueError`` is raised.
     """
     out_dir = Path(out_dir)
@@ -268,15 +261,15 @@ def write_report(out_dir, report: Mapping) -> tuple[Path, Path]:
         r = validate_report(report)
     except ValueError as exc:
         try:
-            _atomic_write(out_dir / "report.invalid.json",
+            write_atomic(out_dir / "report.invalid.json",
                           json.dumps(to_json_compatible(report), indent=2, allow_nan=False))
             saved = f"; the report was saved as {out_dir / 'report.invalid.json'}"
         except (TypeError, ValueError):
             saved = ""
         raise ValueError(f"{exc}{saved}") from exc
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    _atomic_write(json_path, json.dumps(r, indent=2, allow_nan=False) + "\n")
-    _atomic_write(md_path, format_markdown(r, base_dir=out_dir))
+    write_atomic(json_path, json.dumps(r, indent=2, allow_nan=False) + "\n")
+    write_atomic(md_path, format_markdown(r, base_dir=out_dir))
     return json_path, md_path
 
 

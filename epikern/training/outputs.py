@@ -1,20 +1,18 @@
 """Output directories of the training commands: claim one, resume one, write into it atomically.
 
 Every command writes ``recipe.json`` (its whole config) first and its results last, each file through
-a temporary name and ``os.replace``, so a kill leaves complete files only. A directory that already
-holds a run is never written over: without ``resume`` it is refused, with ``resume`` its
-``recipe.json`` must equal the new config (the differing fields are named).
+a temporary name, fsync and rename (:mod:`epikern.atomic`), so a kill leaves complete files only. A
+directory that already holds a run is never written over: without ``resume`` it is refused, with
+``resume`` its ``recipe.json`` must equal the new config (the differing fields are named).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import atomic_directory, atomic_open, write_atomic
 from ..models.loading import CheckpointError
 from .config import config_diff
 from .distributed import Distributed
@@ -59,33 +57,21 @@ def claim(out: Path, recipe: dict, *, resume: bool, dist: Optional[Distributed] 
 
 
 def write_json(path: Path, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON, atomically and durably (:mod:`epikern.atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def write_jsonl(path: Path, rows) -> None:
-    """Write one JSON object per line, atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
+    """Write one JSON object per line, atomically and durably (:mod:`epikern.atomic`)."""
+    with atomic_open(path) as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(tmp, path)
 
 
 def save_pretrained(obj, out: Path, tokenizer=None) -> None:
     """``obj.save_pretrained`` (an HF model or a DraftEnsemble) into ``out`` file by file atomically:
-    everything is written to a temporary directory first, then each file is renamed into place."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=out))
-    try:
+    everything is written to a temporary directory first, fsynced, then each file is renamed into
+    place (:func:`epikern.atomic.atomic_directory`)."""
+    with atomic_directory(out, merge=True) as tmp:
         obj.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

@@ -70,7 +70,7 @@ def test_write_report_round_trip_is_strict_json(tmp_path):
     assert "![ROC curves](roc.png)" in md
     assert "## Speculative decoding" in md and "— (no drafts)" in md
     assert "## Ground truth" in md and "96 M" in md
-    assert not (tmp_path / "report.json.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]  # no temporaries left
 
 
 @pytest.mark.parametrize("mutate,message", [
