@@ -21,31 +21,15 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
-import time
 
 import torch
 import transformers
 from transformers import DynamicCache
 
+from epikern.eval.timing import interleaved_medians
 from epikern.models import DraftEnsemble, StackedKVLayer
 from epikern.models.hf import hf_cache_keyword
 from epikern.models.layers import StackedDecoderLayer, rotary_tables
-
-
-def interleaved_medians_ms(runners: dict, reps: int, warmup: int = 3) -> dict:
-    """Median ms per call of each runner, timed round-robin (one call of each per round) so that
-    load from other processes on a shared machine falls on all variants alike."""
-    for fn in runners.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in runners}
-    for _ in range(reps):
-        for name, fn in runners.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def make_drafts(args):
@@ -157,7 +141,7 @@ def main():
         runners[f"t1_{n}"] = one_draft_step(config, n, args, prompt, token)
     hidden = torch.randn(1, B, 1, args.hidden)
     runners["layer_1"], runners["layer_K"] = layer_step(config, 1, args, hidden), layer_step(config, K, args, hidden)
-    ms = interleaved_medians_ms(runners, args.reps)
+    ms = {name: 1e3 * s for name, s in interleaved_medians(runners, args.reps, warmup=3).items()}
 
     hf_ms, t1 = ms["hf"], {n: ms[f"t1_{n}"] for n in sizes}
     rows = []

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import platform
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -39,6 +37,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import epikern as ek  # noqa: E402
+from epikern.eval.report import write_json  # noqa: E402
+from epikern.eval.timing import Case, median_time  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -58,18 +58,15 @@ def eager_fused_linear(hidden, weight, teacher, temperature: float):
 
 # --- measurement ------------------------------------------------------------------------------------
 
-class _Meter:
-    """Synchronisation, timing and peak-memory probes of one device."""
+class _Memory:
+    """Peak-memory probes of one device (the timing is :mod:`epikern.eval.timing`'s)."""
 
     def __init__(self, device: str):
+        self.device = device
         self.cuda = device == "cuda"
         if not self.cuda and sys.platform.startswith("linux"):
             libc = ctypes.CDLL("libc.so.6")
             libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: fixed, freed blocks go back to the OS
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
 
     @staticmethod
     def _status(key: str) -> int:
@@ -78,6 +75,7 @@ class _Meter:
 
     def reset(self) -> int:
         if self.cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
         with open("/proc/self/clear_refs", "w") as f:
@@ -88,36 +86,20 @@ class _Meter:
         return torch.cuda.max_memory_allocated() if self.cuda else self._status("VmHWM")
 
 
-def _measure(meter: _Meter, step: Callable[[], None], clear: Callable[[], None], repeats: int):
-    """(median seconds, peak extra bytes) of ``step`` (one forward + backward)."""
+def _measure(memory: _Memory, step: Callable[[], None], clear: Callable[[], None], repeats: int):
+    """(median seconds, peak extra bytes) of ``step`` (one forward + backward; ``clear`` drops its
+    gradients, untimed, after each call)."""
     step()  # warm-up: compilation, thread pools, lazily loaded libraries
     clear()
-    meter.sync()
-    base = meter.reset()
-    times = []
-    for _ in range(repeats):
-        meter.sync()
-        t0 = time.perf_counter()
-        step()
-        meter.sync()
-        times.append(time.perf_counter() - t0)
-        extra = meter.peak() - base
-        clear()
-    return statistics.median(times), extra
+    base = memory.reset()
+    seconds = median_time(Case(step, reset=clear), repeats, warmup=0, device=memory.device)
+    return seconds, memory.peak() - base
 
 
-def _copy_bandwidth(meter: _Meter, device: str, nbytes: int) -> float:
+def _copy_bandwidth(device: str, nbytes: int) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(5):
-        meter.sync()
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        meter.sync()
-        times.append(time.perf_counter() - t0)
-    return 2 * src.numel() * 4 / statistics.median(times)
+    return 2 * src.numel() * 4 / median_time(lambda: dst.copy_(src), 5, warmup=1, device=device)
 
 
 def _loss_step(loss_fn, inputs):
@@ -160,7 +142,7 @@ class _Report:
               f"{row['peak_extra_mib']:.0f} | {bw} |", flush=True)
 
 
-def bench_forward_kl(meter, args, methods, report: _Report):
+def bench_forward_kl(memory, args, methods, report: _Report):
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device=args.device).manual_seed(0)
     student = torch.randn(args.n, args.v, device=args.device, generator=g).mul_(2).to(dtype)
@@ -172,12 +154,12 @@ def bench_forward_kl(meter, args, methods, report: _Report):
         if report.out_of_time("forward_kl", name):
             continue
         step, clear = _loss_step(lambda s: fn(s, teacher, args.temperature), [s])
-        sec, extra = _measure(meter, step, clear, args.repeats)
+        sec, extra = _measure(memory, step, clear, args.repeats)
         report.add({"problem": "forward_kl", "method": name, "ms": 1e3 * sec,
                     "peak_extra_mib": extra / 2**20, "gb_s": moved / sec / 1e9})
 
 
-def bench_fused_linear(meter, args, methods, report: _Report):
+def bench_fused_linear(memory, args, methods, report: _Report):
     dtype = DTYPES[args.dtype]
     g = torch.Generator(device=args.device).manual_seed(1)
     n = args.fused_n
@@ -190,7 +172,7 @@ def bench_fused_linear(meter, args, methods, report: _Report):
             continue
         step, clear = _loss_step(lambda h, w: fn(h, w, teacher, args.temperature),
                                  [hidden, weight])
-        sec, extra = _measure(meter, step, clear, args.repeats)
+        sec, extra = _measure(memory, step, clear, args.repeats)
         report.add({"problem": "fused_linear", "method": name, "ms": 1e3 * sec,
                     "peak_extra_mib": extra / 2**20})
 
@@ -235,9 +217,9 @@ def main(argv=None):
     args.repeats = args.repeats or (10 if cuda else 3)
     args.budget = args.budget if args.budget is not None else (60.0 if cuda else float("inf"))
 
-    meter = _Meter(args.device)
+    memory = _Memory(args.device)
     kl, fused = _methods(args)
-    copy_gb_s = _copy_bandwidth(meter, args.device, 1 << 30 if cuda else 1 << 28) / 1e9
+    copy_gb_s = _copy_bandwidth(args.device, 1 << 30 if cuda else 1 << 28) / 1e9
     device_name = torch.cuda.get_device_name() if cuda else platform.processor() or platform.machine()
     header = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC · {args.device} ({device_name}, "
               f"{torch.get_num_threads()} threads) · torch {torch.__version__} · "
@@ -249,13 +231,12 @@ def main(argv=None):
     # the compiled baselines last: under a time budget their compilation is what gets skipped
     for phase in (("eager", "epikern"), ("torch.compile",)):
         if args.only in (None, "forward_kl"):
-            bench_forward_kl(meter, args, {k: v for k, v in kl.items() if k in phase}, report)
+            bench_forward_kl(memory, args, {k: v for k, v in kl.items() if k in phase}, report)
         if args.only in (None, "fused_linear"):
-            bench_fused_linear(meter, args, {k: v for k, v in fused.items() if k in phase}, report)
+            bench_fused_linear(memory, args, {k: v for k, v in fused.items() if k in phase}, report)
     if args.json:
-        args.json.write_text(json.dumps({"header": header, "copy_gb_s": copy_gb_s,
-                                         "args": {k: str(v) for k, v in vars(args).items()},
-                                         "rows": report.rows}, indent=2))
+        write_json(args.json, {"header": header, "copy_gb_s": copy_gb_s,
+                               "args": {k: str(v) for k, v in vars(args).items()}, "rows": report.rows})
 
 if __name__ == "__main__":
     main()

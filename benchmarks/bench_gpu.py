@@ -6,7 +6,8 @@ out-variant entry point, with and without the mixture sweep, against the eager P
 and ``torch.compile`` of it (:mod:`epikern.eval.composite`); Liger-Kernel's JSD (K=2, weights β, 1−β) when
 importable; and ``benchmarks/bench_forward_kl.py --device cuda`` when that script exists.
 
-Times are medians of CUDA-event measurements with L2 flushed before each run. Effective bandwidth
+Times are medians of CUDA-event measurements with L2 flushed before each run
+(:mod:`epikern.eval.timing`). Effective bandwidth
 is the logit bytes read once ÷ time, compared with a device-to-device copy measured here
 ((read + write) bytes ÷ time). Decode is compared with one empty launch plus one read of the bytes.
 Missing pieces are reported, never downloaded. ``--device cpu --tiny`` runs the same logic on tiny
@@ -18,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -34,6 +34,7 @@ import epikern as ek  # noqa: E402
 from epikern import backends  # noqa: E402
 from epikern.backends.reference import STATS  # noqa: E402
 from epikern.eval.composite import compiled_composite, composite  # noqa: E402
+from epikern.eval.timing import median_time  # noqa: E402
 
 
 @dataclass
@@ -59,42 +60,15 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-class Timer:
-    """Median wall time of a callable: CUDA events (L2 flushed before each run) or perf_counter."""
+Timer = Callable[..., float]  # (fn, reps=20) -> median ms
 
-    def __init__(self, device: torch.device, flush_bytes: int = 256 << 20):
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.flush = torch.empty(flush_bytes, dtype=torch.uint8, device=device) if self.cuda else None
 
-    def __call__(self, fn: Callable[[], object], reps: int = 20, warmup: int = 3,
-                 max_seconds: float = 10.0) -> float:
-        for _ in range(warmup):
-            fn()
-        self._sync()
-        times = []
-        t_end = time.perf_counter() + max_seconds
-        for _ in range(reps):
-            if self.cuda:
-                self.flush.zero_()
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append((time.perf_counter() - t0) * 1e3)
-            if len(times) >= 3 and time.perf_counter() > t_end:
-                break
-        return statistics.median(times)
-
-    def _sync(self):
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+def make_timer(device: torch.device) -> Timer:
+    """Median ms of a callable over ``reps`` calls after 3 warm-up calls (:mod:`epikern.eval.timing`:
+    CUDA events with L2 flushed before each call, at most ~10 s of calls once 3 are done)."""
+    def timer(fn: Callable[[], object], reps: int = 20) -> float:
+        return 1e3 * median_time(fn, reps, warmup=3, device=device, flush_l2=True, max_seconds=10.0)
+    return timer
 
 
 def copy_gbps(timer: Timer, device: torch.device, nbytes: int) -> float:
@@ -331,7 +305,7 @@ def main(argv=None) -> int:
         liger_shape = Shape("prefill N=4096 V=128256 bf16", 2, 4096, 128256, dt)
         copy_bytes = 2 << 30
 
-    timer = Timer(device)
+    timer = make_timer(device)
     kernel_names, missing = kernel_backends(device)
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -16,8 +16,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from epikern.eval.cost import median_latency
-from epikern.eval.report import machine_info
+from epikern.eval.machine import machine_info
+from epikern.eval.timing import median_time
 from epikern.models.layers import in_major
 
 SHAPES = {"q/k/v 576→960": (960, 576), "MLP up 576→1536": (1536, 576), "MLP down 1536→576": (576, 1536),
@@ -40,7 +40,7 @@ def main() -> None:
     for name, (out, inp) in SHAPES.items():
         weight = torch.randn(out, inp, generator=gen)
         for layout, w in (("[out, in]", weight), ("in-major", in_major(weight))):
-            ms = [1e3 * median_latency(lambda x=torch.randn(m, inp, generator=gen): F.linear(x, w), args.repeats, 3)
+            ms = [1e3 * median_time(lambda x=torch.randn(m, inp, generator=gen): F.linear(x, w), args.repeats, 3)
                   for m in args.rows]
             cells = [f"{t:.3f} ms ({t / ms[0]:.1f}×)" for t in ms]
             print(f"| {name} | {layout} | " + " | ".join(cells) + " |")

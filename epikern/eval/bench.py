@@ -39,17 +39,18 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .results import METHODS, MethodScores, NotRun
+
+if TYPE_CHECKING:
+    from .cost import PeakMemory
+
 __all__ = ["BenchConfig", "run", "main"]
-
-METHOD_ORDER = ("drafts_ddd", "drafts_ddd_osd", "drafts_idd", "single_draft", "tokur", "entropy", "maxprob",
-                "loglik")
-
 
 @dataclass
 class BenchConfig:
@@ -268,78 +269,88 @@ def _estimators(models: Models, cfg: BenchConfig):
     return methods, truth, not_run
 
 
-def _score_all(estimator, batches: list[Batch], cfg: BenchConfig, bar) -> dict:
+@dataclass
+class Scored:
+    """An estimator's token scores of every response, and the cost of scoring the first batch."""
+
+    scores: list[np.ndarray]  #: per response, its generated tokens' scores
+    latency_ms_per_token: float
+    measured_flops_per_token: float
+    peak_memory: PeakMemory
+
+    def cost(self) -> dict:
+        """The measured cost as the report writes it."""
+        return {"latency_ms_per_token": self.latency_ms_per_token,
+                "measured_flops_per_token": self.measured_flops_per_token,
+                "peak_memory_bytes": self.peak_memory.bytes, "peak_memory_method": self.peak_memory.method}
+
+
+@dataclass
+class MethodRun:
+    """A method's scores and what its plots need besides the report entry."""
+
+    scored: Scored
+    result: MethodScores
+    out_of_fold: np.ndarray  #: the detector's cross-validated P(wrong) per response
+
+
+def _score_all(estimator, batches: list[Batch], cfg: BenchConfig, bar) -> Scored:
     """Scores of every response, plus the cost of scoring the first batch: latency per generated token
     (median of ``latency_repeats`` calls, the first of them the scoring call itself), peak memory of
     that call, and the FLOPs ``FlopCounterMode`` counts while scoring its first response (prompt
     included, as the estimator runs it; full attention matrices counted) per generated token."""
     from .cost import count_flops, peak_memory
     from .estimators import response_scores
+    from .timing import timed_call
 
     first = batches[0]
     seconds, scores = [], []
 
-    def args(b: Batch):  # the positions from the prompt's last token on predict the response
-        return b.sequences, b.attention_mask, b.prompt_len - 1
+    def score(b: Batch):  # the positions from the prompt's last token on predict the response
+        return estimator.score(b.sequences, b.attention_mask, b.prompt_len - 1)
 
     for i, b in enumerate(batches):
         if i == 0:
-            t0 = time.perf_counter()
-            raw, mem = peak_memory(lambda: estimator.score(*args(b)), device=cfg.device)
-            seconds.append(time.perf_counter() - t0)
+            (raw, mem), s = timed_call(lambda: peak_memory(lambda: score(b), device=cfg.device), cfg.device)
+            seconds.append(s)
         else:
-            raw = estimator.score(*args(b))
+            raw = score(b)
         scores += response_scores(raw, b.prompt_len, b.generated_mask)
         bar.update(1)
-    for _ in range(cfg.latency_repeats - 1):
-        t0 = time.perf_counter()
-        estimator.score(*args(first))
-        seconds.append(time.perf_counter() - t0)
+    seconds += [timed_call(lambda: score(first), cfg.device)[1] for _ in range(cfg.latency_repeats - 1)]
     rows = slice(0, 1)
     _, flops, _ = count_flops(estimator.score, first.sequences[rows], first.attention_mask[rows], first.prompt_len - 1)
     generated = int(first.generated_mask.sum())
-    return {"scores": scores, "latency_ms_per_token": 1e3 * float(np.median(seconds)) / generated,
-            "measured_flops_per_token": flops / max(int(first.generated_mask[rows].sum()), 1),
-            "peak_memory_bytes": mem.bytes, "peak_memory_method": mem.method}
+    return Scored(scores, 1e3 * float(np.median(seconds)) / generated,
+                  flops / max(int(first.generated_mask[rows].sum()), 1), mem)
 
 
-def _metrics(name: str, est, scored: dict, truth: list, wrong: np.ndarray, context: float) -> dict:
+def _metrics(est, scored: Scored, truth: list, wrong: np.ndarray, context: float) -> MethodRun:
     from . import metrics
 
-    scores = scored["scores"]
+    scores = scored.scores
     token = metrics.token_metrics(scores, truth)
     features, feature_names = metrics.aggregate(scores)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # small-sample reasons are kept in the report
         cv = metrics.auroc_lr(features, wrong)
-        out = {
-            "description": est.description,
-            "rmse": token["rmse"] if est.is_eu else None,
-            "pearson": token["pearson"], "spearman": token["spearman"],
-            "auroc_lr": cv.auroc, "auroc_tokur": metrics.auroc_tokur(scores, wrong),
-            "prr": metrics.prr(cv.scores, wrong) if np.isfinite(cv.scores).all() else None,
-            "flops_per_token": est.flops_per_token(context),
-            "extra_flops_per_token": est.extra_flops_per_token(context),
-            **{k: v for k, v in scored.items() if k != "scores"},
-            "features": feature_names,
-        }
+        prr = metrics.prr(cv.scores, wrong) if np.isfinite(cv.scores).all() else None
+        auroc_tokur = metrics.auroc_tokur(scores, wrong)
+    reasons = {}
     if not est.is_eu:
-        out["rmse_reason"] = "not an EU estimate (a different quantity in other units): RMSE is not meaningful"
-    if out["prr"] is None:
-        out["prr_reason"] = cv.reason or "no cross-validated score"
+        reasons["rmse"] = "not an EU estimate (a different quantity in other units): RMSE is not meaningful"
+    if prr is None:
+        reasons["prr"] = cv.reason or "no cross-validated score"
     if cv.reason:
-        out["auroc_lr_reason"] = cv.reason
-    out["_oof"] = cv.scores
-    return out
-
-
-def _not_run(reason: str) -> dict:
-    from .report import METHOD_METRICS
-
-    out = {"description": reason}
-    for key in METHOD_METRICS:
-        out[key], out[f"{key}_reason"] = None, reason
-    return out
+        reasons["auroc_lr"] = cv.reason
+    result = MethodScores(
+        description=est.description, rmse=token["rmse"] if est.is_eu else None, pearson=token["pearson"],
+        spearman=token["spearman"], auroc_lr=cv.auroc, auroc_tokur=auroc_tokur, prr=prr,
+        flops_per_token=est.flops_per_token(context), extra_flops_per_token=est.extra_flops_per_token(context),
+        latency_ms_per_token=scored.latency_ms_per_token, measured_flops_per_token=scored.measured_flops_per_token,
+        peak_memory_bytes=scored.peak_memory.bytes, peak_memory_method=scored.peak_memory.method,
+        features=feature_names, reasons=reasons)
+    return MethodRun(scored, result, cv.scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,9 +364,9 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
     Timed at one torch thread, median of 5 (1 with ``--quick``). Returns the rows (``speedup`` over
     HF ``generate``; EU rows also ``speedup_vs_plain_eu``, over plain decoding with EU, where the
     drafts run only to score) and the step costs in ms with the round times they predict
-    (:func:`speculative_bench.measure`'s ``steps``).
+    (:func:`epikern.eval.speculative_measure.measure`'s ``steps``).
     """
-    from . import speculative_bench
+    from .speculative_measure import Variant, measure
 
     if models.ddd is None:
         reason = models.missing["drafts"]
@@ -369,28 +380,28 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as `epikern bench speculative`: dispatch-bound decoding, a 2nd thread adds noise
     try:
-        result = speculative_bench.measure(models.target, models.ddd, prompts, gammas=cfg.gammas,
-                                           new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 48),
-                                           repeats=1 if cfg.quick else 5, assisted=False, progress=False)
+        result = measure(models.target, models.ddd, prompts, gammas=cfg.gammas,
+                         new_tokens=min(cfg.max_new_tokens, 32 if cfg.quick else 48),
+                         repeats=1 if cfg.quick else 5, assisted=False, progress=False)
     finally:
         torch.set_num_threads(threads)
-    plain_eu = next(r["tokens_per_s"] for r in result["rows"] if r["variant"] == "plain+EU")
+    plain_eu = result.row(Variant("plain", eu=True)).tokens_per_s
     rows = []
-    for r in result["rows"]:
-        name = r["variant"] + (f" γ={r['gamma']}" if r["gamma"] else "")
-        row = {"name": name, **r}
-        if "+EU" in r["variant"]:
-            row["speedup_vs_plain_eu"] = r["tokens_per_s"] / plain_eu
-        if r["variant"] in ("plain+EU", "spec+EU"):  # EU's share of a round is measured for these
-            row.update({f"eu_{k}": v for k, v in result["eu"].get(r["gamma"], {}).items()})
+    for r in result.rows:
+        v = r.variant
+        row = {"name": v.name, **r.to_json()}
+        if v.eu:
+            row["speedup_vs_plain_eu"] = r.tokens_per_s / plain_eu
+        if v.eu and not v.confidence and v.gamma in result.eu:  # EU's share of a round is measured for these
+            row.update({f"eu_{k}": x for k, x in dataclasses.asdict(result.eu[v.gamma]).items()})
         if row.get("acceptance") is None:
             row["acceptance"] = None
             row["acceptance_reason"] = "no proposals: plain decoding"
         rows.append(row)
-    ms = result["steps"]["ms"]
-    steps = {**{f"{k}_ms": v for k, v in ms.items()},
+    ms = result.steps.ms
+    steps = {**{f"{k}_ms": x for k, x in ms.items()},
              "draft_step_vs_target_step": ms["draft_1"] / ms["target_1"],
-             **{f"predicted_round_ms_gamma_{g}": v for g, v in result["steps"]["predicted_round_ms"].items()}}
+             **{f"predicted_round_ms_gamma_{g}": x for g, x in result.steps.predicted_round_ms.items()}}
     return rows, steps
 
 
@@ -398,7 +409,7 @@ def _speculative(models: Models, batches: list[Batch], cfg: BenchConfig) -> tupl
 # plots
 
 
-def _plots(out: Path, models: Models, batches: list[Batch], results: dict, truth: list, wrong,
+def _plots(out: Path, models: Models, batches: list[Batch], results: dict[str, MethodRun], truth: list, wrong,
            speculative: list[dict]) -> dict:
     from . import metrics, plots
 
@@ -416,16 +427,17 @@ def _plots(out: Path, models: Models, batches: list[Batch], results: dict, truth
               "drafts_idd": "drafts (IDD)", "tokur": "TokUR (M=10)"}
     for name, label in labels.items():
         if name in results:
-            series[label] = [results[name]["_scores"][i] for i in picks]
+            series[label] = [results[name].scored.scores[i] for i in picks]
     series["ground truth (M=32)"] = [truth[i] for i in picks]
     plotted["Per-token EU along responses"] = plots.eu_traces(out / "eu_traces.png", tokens_text, series)
     curves = {}
     for name, r in results.items():
-        if np.isfinite(r["_oof"]).all() and r.get("auroc_lr") is not None and np.isfinite(r["auroc_lr"]):
-            curves[name] = metrics.roc_points(r["_oof"], wrong)
+        auroc = r.result.auroc_lr
+        if np.isfinite(r.out_of_fold).all() and auroc is not None and np.isfinite(auroc):
+            curves[name] = metrics.roc_points(r.out_of_fold, wrong)
     if curves:
         plotted["ROC curves (hallucination detection)"] = plots.roc_curves(out / "roc.png", curves)
-    points = {name: (r["flops_per_token"], r["auroc_lr"]) for name, r in results.items()}
+    points = {name: (r.result.flops_per_token, r.result.auroc_lr) for name, r in results.items()}
     plotted["Cost vs quality"] = plots.cost_quality(out / "cost_quality.png", points)
     if any(r.get("gamma") and r.get("speedup") for r in speculative):
         plotted["Speculative decoding: speed per γ"] = plots.speculative_speedup(out / "speculative.png", speculative)
@@ -439,7 +451,8 @@ def _plots(out: Path, models: Models, batches: list[Batch], results: dict, truth
 def run(cfg: BenchConfig) -> dict:
     """Run the whole comparison; write ``report.json``, ``report.md`` and the plots into ``cfg.out``."""
     from .cost import mean_decode_context
-    from .report import format_table, machine_info, versions, write_report
+    from .machine import machine_info, versions
+    from .report import methods_table, write_report
 
     cfg = cfg.resolved()
     out = Path(cfg.out)
@@ -468,33 +481,31 @@ def run(cfg: BenchConfig) -> dict:
     for est in methods:
         bar.set_postfix_str(est.name)
         scored = _score_all(est, batches, cfg, bar)
-        results[est.name] = _metrics(est.name, est, scored, truth["scores"], wrong, context)
-        results[est.name]["_scores"] = scored["scores"]
+        results[est.name] = _metrics(est, scored, truth.scores, wrong, context)
         lap(f"scoring {est.name}")
     bar.close()
     speculative, speculative_steps = _speculative(models, batches, cfg)
     lap("speculative")
-    plots = _plots(out, models, batches, results, truth["scores"], wrong, speculative)
+    plots = _plots(out, models, batches, results, truth.scores, wrong, speculative)
     lap("plots")
-    tokur_flops = results["tokur"]["flops_per_token"]
-    method_table = {}
-    for name in METHOD_ORDER:
+    tokur_flops = results["tokur"].result.flops_per_token
+    method_table: dict[str, Union[MethodScores, NotRun]] = {}
+    for name in METHODS:
         if name in results:
-            r = {k: v for k, v in results[name].items() if not k.startswith("_")}
-            r["flops_vs_tokur"] = r["flops_per_token"] / tokur_flops
-            method_table[name] = r
+            method_table[name] = dataclasses.replace(
+                results[name].result, flops_vs_tokur=results[name].result.flops_per_token / tokur_flops)
         else:
-            method_table[name] = _not_run(not_run[name])
+            method_table[name] = NotRun(not_run[name])
     report = {
         "machine": machine_info(),
         "versions": versions(),
         "config": {**dataclasses.asdict(cfg), **models.info},
         "dataset": {"name": cfg.dataset, "problems": int(wrong.size), "accuracy": float(1 - wrong.mean()),
                     "generated_tokens": int(sum(n_generated)), "mean_decode_context": context},
-        "methods": method_table,
+        "methods": {name: m.to_json() for name, m in method_table.items()},
         "ground_truth": {"description": truth_est.description, "num_samples": cfg.ground_truth_samples,
                          "flops_per_token": truth_est.flops_per_token(context),
-                         **{k: v for k, v in truth.items() if k != "scores"}},
+                         **truth.cost()},
         "speculative": speculative,
         "speculative_steps": speculative_steps,
         "plots": plots,
@@ -516,7 +527,7 @@ def run(cfg: BenchConfig) -> dict:
           f"{d['generated_tokens']} generated tokens")
     for w in report.get("warnings", []):
         print(f"warning: {w}")
-    print(format_table(report))
+    print(methods_table(report))
     print(f"\nreport: {md_path} and {json_path} ({report['wall_s']:.0f} s)")
     return report
 

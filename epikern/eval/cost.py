@@ -1,4 +1,5 @@
-"""Inference cost: analytic and measured FLOPs, latency and peak memory (SPEC §6).
+"""Inference cost: analytic and measured FLOPs, and peak memory (SPEC §6); latency is timed by
+:mod:`epikern.eval.timing`.
 
 FLOP convention (everywhere in epikern): **one multiply-add = 2 FLOPs**, the convention of
 ``torch.utils.flop_counter`` (``aten.mm`` of ``[n, k] @ [k, m]`` counts ``2·n·k·m``).
@@ -35,9 +36,7 @@ which ``torch.utils.flop_counter`` lists only for CUDA kernels), so attention is
 
 from __future__ import annotations
 
-import statistics
 import sys
-import time
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
@@ -46,10 +45,11 @@ from torch import nn
 from ..models.hf import GATED_LLAMA_FAMILY
 from ..models.layers import FUSED, head_dim_of
 from ..ops.draft_uncertainty import draft_uncertainty_flops
+from .timing import resolve_device
 
 __all__ = ["lm_flops_per_token", "draft_ensemble_flops_per_token", "mean_decode_context",
-           "draft_uncertainty_flops", "count_flops", "register_flop_formulas", "median_latency",
-           "PeakMemory", "peak_memory"]
+           "draft_uncertainty_flops", "count_flops", "register_flop_formulas", "PeakMemory",
+           "peak_memory"]
 
 # --------------------------------------------------------------------------------------------
 # analytic FLOPs
@@ -218,49 +218,7 @@ def count_flops(fn: Callable, *args, **kwargs) -> tuple[Any, int, dict[str, int]
 
 
 # --------------------------------------------------------------------------------------------
-# latency and memory
-
-
-def _device(device: Union[None, str, torch.device]) -> torch.device:
-    device = torch.device("cpu" if device is None else device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available")
-    return device
-
-
-def median_latency(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1,
-                   device: Union[None, str, torch.device] = None) -> float:
-    """Median wall time of ``fn()`` in **seconds** over ``repeats`` timed calls after ``warmup``.
-
-    CPU: ``time.perf_counter`` around each call. CUDA: a pair of ``torch.cuda.Event`` per call on
-    the current stream, read after one synchronisation at the end (the device time of the queued
-    work; the device is synchronised before the first timed call).
-    """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
-    device = _device(device)
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        with torch.cuda.device(device):
-            torch.cuda.synchronize()
-            events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-                      for _ in range(repeats)]
-            for start, end in events:
-                start.record()
-                fn()
-                end.record()
-            torch.cuda.synchronize()
-            times = [start.elapsed_time(end) / 1e3 for start, end in events]
-    else:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# memory (latency: epikern.eval.timing)
 
 
 class PeakMemory(NamedTuple):
@@ -303,7 +261,7 @@ def peak_memory(fn: Callable[[], Any], device: Union[None, str, torch.device] = 
     * Elsewhere: the growth of ``getrusage`` ``ru_maxrss`` (``method="ru_maxrss_delta_lower_bound"``),
       which is 0 unless the call pushes the process above its lifetime peak: a lower bound only.
     """
-    device = _device(device)
+    device = resolve_device(device)
     if device.type == "cuda":
         with torch.cuda.device(device):
             torch.cuda.synchronize()

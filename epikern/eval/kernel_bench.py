@@ -14,9 +14,9 @@ decompose=False and True. Contestants (:mod:`epikern.eval.composite`), each eage
   the split: log_softmax per draft, logsumexp over drafts for the mixture, two sums; eu without).
   SPEC §7's CPU target is stated against this one.
 
-Times are medians (one warm-up call each, then rounds that run the kernel 3 times and every
-composite once, round-robin, so that load from other processes falls on all of them alike); the
-1-minute load average is printed with every row. Columns:
+Times are medians (:mod:`epikern.eval.timing`: one warm-up call each, then rounds that run the
+kernel 3 times and every composite once, round-robin, so that load from other processes falls on
+all of them alike); the 1-minute load average is printed with every row. Columns:
 
 * ``GB/s``: logit bytes read once ÷ kernel time;
 * ``cyc/logit``: kernel time × threads × clock ÷ ((K + 1)·N·V) (wall clock, so it includes time
@@ -34,11 +34,7 @@ composite once, round-robin, so that load from other processes falls on all of t
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +44,9 @@ import torch
 import epikern as ek
 from epikern.backends import cpu
 from epikern.eval.composite import composite, lean_composite
+from epikern.eval.machine import machine_info
+from epikern.eval.report import write_json
+from epikern.eval.timing import Case, interleaved_medians, timed_call
 
 SHAPES = [  # (K, N, V, dtype)
     (4, 512, 32000, torch.float32),
@@ -57,43 +56,14 @@ SHAPES = [  # (K, N, V, dtype)
 CONTESTANTS = ("kernel", "eager", "compiled", "lean_eager", "lean_compiled")
 
 
-def _round_robin_ms(fns: dict, rounds: int, per_round: dict) -> dict:
-    """Median ms of each function, timed round-robin (every round runs each one ``per_round``
-    times) after one warm-up call each, so that load from other processes falls on all alike."""
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            for _ in range(per_round.get(name, 1)):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
-
-
-def _cpuinfo_mhz() -> float | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(float(l.split(":")[1]) for l in f if l.startswith("cpu MHz"))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def _machine() -> dict:
-    model = platform.processor()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        pass
+def calibration() -> dict:
+    """What the cycle and floor columns are computed from, measured on this machine by the compiled
+    CPU module: the clock (a timed chain of dependent integer adds), the float lanes of its SIMD
+    code, and the cost per element of its vectorised exp2 and log2 on one core (data in L1)."""
     cpu.check_available()
     t_exp, t_log = cpu._cpu._transcendental_seconds()
-    return {"cpu": model, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "clock_hz": cpu._cpu._clock_hz(), "cpuinfo_mhz": _cpuinfo_mhz(),
-            "simd_lanes": cpu._cpu._simd_width, "exp_ns": t_exp * 1e9, "log_ns": t_log * 1e9,
-            "loadavg_start": os.getloadavg()[0]}
+    return {"clock_hz": cpu._cpu._clock_hz(), "simd_lanes": cpu._cpu._simd_width,
+            "exp_ns": t_exp * 1e9, "log_ns": t_log * 1e9}
 
 
 def _one_thread(draft, target, weights, decompose, trials: int = 3) -> tuple[float, cpu.KernelWork]:
@@ -109,7 +79,7 @@ def _one_thread(draft, target, weights, decompose, trials: int = 3) -> tuple[flo
 
 
 def run(quick: bool = False) -> tuple[dict, list[dict]]:
-    machine = _machine()
+    machine = {**machine_info(), **calibration()}
     threads = machine["torch_threads"]
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -137,10 +107,10 @@ def run(quick: bool = False) -> tuple[dict, list[dict]]:
                 "kernel != lean composite"
             compile_s = {}
             for name in ("compiled", "lean_compiled"):
-                t0 = time.perf_counter()
-                fns[name]()
-                compile_s[name] = time.perf_counter() - t0
-            ms = _round_robin_ms(fns, rounds=2 if quick else 3, per_round={"kernel": 3})
+                compile_s[name] = timed_call(fns[name])[1]
+            seconds = interleaved_medians({**fns, "kernel": Case(fns["kernel"], calls_per_round=3)},
+                                          rounds=2 if quick else 3)
+            ms = {name: 1e3 * s for name, s in seconds.items()}
             cpu_s, work = _one_thread(draft, target, weights, decompose)
             entries = N * V
             floor_s = entries * ((K + 1) * machine["exp_ns"] + (machine["log_ns"] if decompose else 0.0)) * 1e-9
@@ -195,15 +165,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write machine info and rows as JSON")
     parser.add_argument("--quick", action="store_true", help="first shape only, fewer repeats")
     args = parser.parse_args(argv)
-    print(HEADER, flush=True)
+    print(HEADER, flush=True)  # each row is printed as soon as it is measured
     machine, rows = run(args.quick)
     print()
     print(_describe(machine))
-    print(HEADER)
-    for r in rows:
-        print(_format_row(r))
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+        write_json(args.json, {"machine": machine, "rows": rows})
     return 0
 
 

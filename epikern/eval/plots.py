@@ -239,9 +239,9 @@ def speculative_speedup(path, rows: Sequence[Mapping], title: str = "Speculative
     """Speed over plain decoding (left) and tokens emitted per target forward (right) against γ.
 
     Args:
-        rows: :func:`epikern.eval.speculative_bench.measure`'s rows (dicts with ``variant``,
-            ``gamma`` — 0 for the variants without rounds —, ``speedup`` over ``baseline`` and, for
-            epikern's decoders, ``tokens_per_round``). Variants with γ > 0 become lines; those with
+        rows: :meth:`epikern.eval.speculative_measure.VariantRow.to_json` dicts (``variant``,
+            ``gamma`` — 0 for the variants without rounds —, ``eu``, ``speedup`` over ``baseline`` and,
+            for epikern's decoders, ``tokens_per_round``). Variants with γ > 0 become lines; those with
             γ = 0 (``plain``, ``plain+EU``) horizontal references, as does ``baseline`` at 1×.
         baseline: the variant the speedups are relative to.
 
@@ -254,7 +254,8 @@ def speculative_speedup(path, rows: Sequence[Mapping], title: str = "Speculative
         if r.get("speedup") is None or not np.isfinite(r["speedup"]):
             continue
         if r.get("gamma"):
-            per_gamma.setdefault(r["variant"], []).append((r["gamma"], r["speedup"], r.get("tokens_per_round")))
+            per_gamma.setdefault((r["variant"], bool(r.get("eu"))), []).append(
+                (r["gamma"], r["speedup"], r.get("tokens_per_round")))
         else:
             flat[r["variant"]] = r["speedup"]
     if not per_gamma:
@@ -262,10 +263,10 @@ def speculative_speedup(path, rows: Sequence[Mapping], title: str = "Speculative
     fig, (ax, ax_tokens) = plt.subplots(1, 2, figsize=(13, 4.6), gridspec_kw={"width_ratios": [3, 2]})
     cmap = plt.get_cmap("tab10")
     gammas = sorted({g for points in per_gamma.values() for g, _, _ in points})
-    for i, (name, points) in enumerate(per_gamma.items()):
+    for i, ((name, eu), points) in enumerate(per_gamma.items()):
         points.sort()
         g, speed, tokens = zip(*points)
-        style = dict(color=cmap(i % 10), marker="o", linewidth=1.6, linestyle="--" if "+EU" in name else "-")
+        style = dict(color=cmap(i % 10), marker="o", linewidth=1.6, linestyle="--" if eu else "-")
         ax.plot(g, speed, label=name, **style)
         if all(t is not None for t in tokens):
             ax_tokens.plot(g, tokens, **style)  # colours as in the left legend

@@ -3,10 +3,10 @@
 Schema (what :func:`validate_report` checks; more keys are welcome anywhere)::
 
     {
-      "machine":  {...},                    # machine_info()
-      "versions": {...},                    # versions()
+      "machine":  {...},                    # epikern.eval.machine.machine_info()
+      "versions": {...},                    # epikern.eval.machine.versions()
       "config":   {...},                    # the run's settings
-      "methods": {                          # at least REQUIRED_METHODS, each with METHOD_METRICS
+      "methods": {                          # at least results.METHODS, each with results.METHOD_METRICS
         "drafts_ddd": {"rmse": 0.12, "pearson": 0.8, "spearman": 0.7, "auroc_lr": 0.74,
                        "auroc_tokur": 0.71, "prr": 0.4, "flops_per_token": 2.1e6,
                        "latency_ms_per_token": 3.2, ...},
@@ -28,27 +28,21 @@ report already gives one), so the file is strict JSON (``json.loads`` with no Na
 from __future__ import annotations
 
 import datetime
-import importlib.metadata
 import io
 import json
 import math
 import os
-import platform
-import subprocess
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import numpy as np
 
 from ..atomic import write_atomic
+from .results import METHOD_METRICS, METHODS
 
-__all__ = ["REQUIRED_METHODS", "METHOD_METRICS", "CONVENTIONS", "machine_info", "versions",
-           "to_json_compatible", "validate_report", "write_report", "format_table", "format_markdown"]
+__all__ = ["CONVENTIONS", "to_json_compatible", "validate_report", "write_json", "write_report", "methods_table",
+           "format_markdown"]
 
-REQUIRED_METHODS = ("drafts_ddd", "drafts_ddd_osd", "drafts_idd", "single_draft", "tokur",
-                    "entropy", "maxprob", "loglik")
-METHOD_METRICS = ("rmse", "pearson", "auroc_lr", "auroc_tokur", "prr", "flops_per_token",
-                  "latency_ms_per_token")
 GROUND_TRUTH_KEYS = ("flops_per_token", "latency_ms_per_token")
 SPECULATIVE_KEYS = ("name", "tokens_per_s", "acceptance")
 
@@ -77,53 +71,6 @@ CONVENTIONS = {
     "rmse": "token-level, against the ground-truth EU (mutual information of a perturbation "
             "ensemble of the target), in nats",
 }
-
-
-# --------------------------------------------------------------------------------------------
-# machine and versions
-
-
-def machine_info() -> dict:
-    """The benchmark machine: CPU model, cores, torch threads and load (``kernel_bench._machine``),
-    plus the OS and the CUDA devices."""
-    import torch
-
-    from .kernel_bench import _machine
-
-    info = dict(_machine())
-    info["platform"] = platform.platform()
-    info["gpus"] = ([torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-                    if torch.cuda.is_available() else [])
-    return info
-
-
-def _git_commit() -> Optional[str]:
-    root = Path(__file__).resolve().parents[2]
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out + ("+dirty" if dirty else "")
-
-
-def versions() -> dict:
-    """Versions of Python, epikern (and its git commit when run from a checkout), the libraries the
-    numbers depend on, and CUDA as torch was built with it (None on CPU builds)."""
-    import torch
-
-    out: dict[str, Any] = {"python": platform.python_version()}
-    for pkg in ("epikern", "torch", "transformers", "tokenizers", "safetensors", "numpy", "scipy",
-                "scikit-learn", "matplotlib", "triton"):
-        try:
-            out[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            out[pkg] = None
-    out["cuda"] = torch.version.cuda
-    out["epikern_git"] = _git_commit()
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,9 +164,9 @@ def validate_report(report: Mapping) -> dict:
             raise ValueError(f"report lacks {key!r}")
         if not isinstance(r[key], dict):
             raise ValueError(f"report[{key!r}] must be a dict, got {type(r[key]).__name__}")
-    for name in REQUIRED_METHODS:
+    for name in METHODS:
         if name not in r["methods"]:
-            raise ValueError(f"report['methods'] lacks {name!r} (required: {', '.join(REQUIRED_METHODS)})")
+            raise ValueError(f"report['methods'] lacks {name!r} (required: {', '.join(METHODS)})")
     for name, m in r["methods"].items():
         if not isinstance(m, dict):
             raise ValueError(f"report['methods'][{name!r}] must be a dict, got {type(m).__name__}")
@@ -245,6 +192,14 @@ def validate_report(report: Mapping) -> dict:
     return r
 
 
+def write_json(path, record: Mapping) -> Path:
+    """Write ``record`` as strict, indented JSON (:func:`to_json_compatible`), atomically and durably;
+    the one JSON writer of the benchmarks (``report.json``, the ``--json`` of ``bench kernels`` and
+    ``bench speculative``)."""
+    write_atomic(path, json.dumps(to_json_compatible(record), indent=2, allow_nan=False) + "\n")
+    return Path(path)
+
+
 def write_report(out_dir, report: Mapping) -> tuple[Path, Path]:
     """Write ``report.json`` and ``report.md`` into ``out_dir``; return both paths.
 
@@ -261,14 +216,13 @@ def write_report(out_dir, report: Mapping) -> tuple[Path, Path]:
         r = validate_report(report)
     except ValueError as exc:
         try:
-            write_atomic(out_dir / "report.invalid.json",
-                          json.dumps(to_json_compatible(report), indent=2, allow_nan=False))
+            write_json(out_dir / "report.invalid.json", report)
             saved = f"; the report was saved as {out_dir / 'report.invalid.json'}"
         except (TypeError, ValueError):
             saved = ""
         raise ValueError(f"{exc}{saved}") from exc
     json_path, md_path = out_dir / "report.json", out_dir / "report.md"
-    write_atomic(json_path, json.dumps(r, indent=2, allow_nan=False) + "\n")
+    write_json(json_path, r)
     write_atomic(md_path, format_markdown(r, base_dir=out_dir))
     return json_path, md_path
 
@@ -409,7 +363,7 @@ def format_markdown(report: Mapping, base_dir=None) -> str:
     return "\n".join(out)
 
 
-def format_table(report: Mapping, width: int = 160) -> str:
+def methods_table(report: Mapping, width: int = 160) -> str:
     """The methods table for the terminal (``rich``, box drawing, no colour codes), with the
     footnotes that explain null cells."""
     from rich.console import Console

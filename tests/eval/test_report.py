@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 
 from epikern.eval import report as R
+from epikern.eval.machine import machine_info, versions
+from epikern.eval.results import METHODS
 
 
 def _strict_loads(text: str):
@@ -23,13 +25,13 @@ def _strict_loads(text: str):
 
 @functools.lru_cache(maxsize=1)
 def _setup() -> tuple[dict, dict]:
-    return R.machine_info(), R.versions()
+    return machine_info(), versions()
 
 
 def _report() -> dict:
     machine, vers = copy.deepcopy(_setup())
     methods = {}
-    for i, name in enumerate(R.REQUIRED_METHODS):
+    for i, name in enumerate(METHODS):
         is_eu = name not in ("entropy", "maxprob", "loglik")
         methods[name] = {
             "rmse": 0.1 + 0.01 * i if is_eu else None, "pearson": np.float32(0.5), "spearman": 0.4,
@@ -115,9 +117,9 @@ def test_to_json_compatible_types():
         R.to_json_compatible({1: 2})
 
 
-def test_format_table_has_every_method_and_the_ratio():
-    text = R.format_table(_report())
-    for name in R.REQUIRED_METHODS:
+def test_methods_table_has_every_method_and_the_ratio():
+    text = R.methods_table(_report())
+    for name in METHODS:
         assert name in text
     assert "FLOPs ÷ TokUR" in text and "0.05×" in text
     assert "entropy rmse: not an EU estimate" in text
