@@ -34,6 +34,7 @@ import epikern as ek  # noqa: E402
 from epikern import backends  # noqa: E402
 from epikern.backends.reference import STATS  # noqa: E402
 from epikern.eval.composite import compiled_composite, composite  # noqa: E402
+from epikern.eval.report import write_json  # noqa: E402
 from epikern.eval.timing import median_time  # noqa: E402
 
 
@@ -335,9 +336,8 @@ def main(argv=None) -> int:
     verdicts = targets(rows, launch_ms, kernel_names)
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"info": info, "rows": [asdict(r) for r in rows], "forward_kl": fkl,
-                       "targets": verdicts}, f, indent=1)
+        write_json(args.json, {"info": info, "rows": [asdict(r) for r in rows], "forward_kl": fkl,
+                               "targets": verdicts})
     print("\n".join(fkl))
     print("\n## draft_uncertainty on " + info["device"])
     print(f"copy {copy_bw:.0f} GB/s, empty launch {launch_ms * 1e3:.1f} µs, torch {info['torch']}, "

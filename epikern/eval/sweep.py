@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import os
 import sys
 import time
 import warnings
@@ -47,6 +46,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from ..atomic import atomic_open, write_atomic
 
 __all__ = ["SweepPoint", "SweepConfig", "grid", "run", "main"]
 
@@ -221,9 +222,8 @@ def cached_scores(path: Path, compute: Callable[[], dict[str, list[np.ndarray]]]
     for name, values in scores.items():
         arrays[f"{name}_values"] = np.concatenate(values) if values else np.zeros(0)
         arrays[f"{name}_lengths"] = np.array([len(v) for v in values], dtype=np.int64)
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(path)
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
     return scores, True
 
 
@@ -389,7 +389,8 @@ def selected_points(cfg: SweepConfig) -> list[SweepPoint]:
 
 def run(cfg: SweepConfig) -> dict:
     """Train (or find) and score every point; write ``sweep.json``, ``sweep.md`` and the plots."""
-    from .report import machine_info, to_json_compatible, versions
+    from .machine import machine_info, versions
+    from .report import to_json_compatible
     from .sweep_plots import plot_sweep
     from .sweep_report import format_sweep
 
@@ -420,8 +421,8 @@ def run(cfg: SweepConfig) -> dict:
         "references": references, "points": rows, "trained": sweep.trained, "scored": sweep.scored,
         "wall_s": time.perf_counter() - t0})
     result["plots"] = plot_sweep(out, result)
-    (out / "sweep.json").write_text(json.dumps(result, indent=1, sort_keys=True))
-    (out / "sweep.md").write_text(format_sweep(result))
+    write_atomic(out / "sweep.json", json.dumps(result, indent=1, sort_keys=True))
+    write_atomic(out / "sweep.md", format_sweep(result))
     print(format_sweep(result))
     print(f"\nsweep: {out / 'sweep.md'} and {out / 'sweep.json'} ({result['wall_s']:.0f} s; "
           f"trained {len(sweep.trained)}, scored {len(sweep.scored)})")
