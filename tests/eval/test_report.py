@@ -13,7 +13,7 @@ import pytest
 
 from epikern.eval import report as R
 from epikern.eval.machine import machine_info, versions
-from epikern.eval.results import METHODS
+from epikern.eval.results import METHOD_METRICS, METHODS, MethodScores, NotRun
 
 
 def _strict_loads(text: str):
@@ -124,3 +124,22 @@ def test_methods_table_has_every_method_and_the_ratio():
     assert "FLOPs ÷ TokUR" in text and "0.05×" in text
     assert "entropy rmse: not an EU estimate" in text
     assert "\x1b[" not in text  # no colour codes
+
+
+def test_typed_method_entries_validate_and_keep_their_reasons():
+    scores = MethodScores(description="K=4 drafts", rmse=None, pearson=0.5, spearman=0.4, auroc_lr=None,
+                          auroc_tokur=0.7, prr=None, flops_per_token=2e6, extra_flops_per_token=1e6,
+                          latency_ms_per_token=3.0, measured_flops_per_token=2.1e6, peak_memory_bytes=1024,
+                          peak_memory_method="rss_high_water_mark", features=["mean", "max"],
+                          reasons={"rmse": "not an EU estimate", "prr": "one class", "auroc_lr": "one class"},
+                          flops_vs_tokur=0.1)
+    entry = scores.to_json()
+    assert list(entry)[:3] == ["description", "rmse", "pearson"] and list(entry)[-1] == "flops_vs_tokur"
+    assert entry["rmse_reason"] == "not an EU estimate" and "reasons" not in entry
+    rep = _report()
+    rep["methods"]["drafts_ddd"] = entry
+    rep["methods"]["drafts_idd"] = NotRun("not run: no --idd-drafts was given").to_json()
+    back = R.validate_report(rep)
+    assert back["methods"]["drafts_idd"]["auroc_lr"] is None
+    assert back["methods"]["drafts_idd"]["auroc_lr_reason"] == "not run: no --idd-drafts was given"
+    assert set(METHOD_METRICS) <= set(back["methods"]["drafts_idd"])
