@@ -169,12 +169,15 @@ class SpeculativeResult:
         return next(r for r in self.rows if r.variant == variant)
 
     def to_json(self) -> dict:
-        return {"rows": [r.to_json() for r in self.rows], "eu": {g: asdict(e) for g, e in self.eu.items()},
-                "steps": asdict(self.steps), "config": self.config}
+        """Strict JSON: the γ keys as strings."""
+        return {"rows": [r.to_json() for r in self.rows], "eu": {str(g): asdict(e) for g, e in self.eu.items()},
+                "steps": {"ms": self.steps.ms,
+                          "predicted_round_ms": {str(g): v for g, v in self.steps.predicted_round_ms.items()}},
+                "config": self.config}
 
     @classmethod
     def from_json(cls, d: dict) -> "SpeculativeResult":
-        """The inverse of :meth:`to_json`, also after ``json.dumps`` (whose γ keys are strings)."""
+        """The inverse of :meth:`to_json`."""
         steps = StepCosts(d["steps"]["ms"], {int(g): v for g, v in d["steps"]["predicted_round_ms"].items()})
         return cls([VariantRow.from_json(r) for r in d["rows"]], {int(g): EUShare(**e) for g, e in d["eu"].items()},
                    steps, d.get("config", {}))

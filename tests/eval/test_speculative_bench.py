@@ -69,7 +69,7 @@ def test_measure_reports_every_variant(target):
     assert set(out.eu) == {0, 2} and set(out.steps.ms) == {"target_1", "target_3", "draft_1", "draft_2"}
     table = sb.markdown(out)
     assert table.count("\n| spec") == 5 and "EU share" in table
-    saved = json.loads(json.dumps(out.to_json()))
+    saved = json.loads(json.dumps(out.to_json(), allow_nan=False))
     assert SpeculativeResult.from_json(saved) == out and sb.markdown(SpeculativeResult.from_json(saved)) == table
     adaptive = out.row(Variant("spec", 2, confidence=0.7))
     assert adaptive.rounds.draft_forwards <= spec.rounds.draft_forwards
