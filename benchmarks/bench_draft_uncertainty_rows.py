@@ -9,21 +9,20 @@ The rows op reads the rows in place through the maps. Layouts (bf16 logits, K dr
 * ``vLLM V2``: drafts ``[K, max_reqs, γ, V]`` by request slot, target as V1;
 * ``SGLang``: ``[B·γ, V]`` for both, the last request padding (−1).
 
-Both contestants are timed in the same rounds, alternating (``epikern.eval.cost.median_latency``
-per round, then the median over rounds), so that load from other processes falls on both alike.
+Both contestants are timed in the same rounds, alternating (:mod:`epikern.eval.timing`: the median
+of every call over the rounds), so that load from other processes falls on both alike.
 
     python benchmarks/bench_draft_uncertainty_rows.py [--vocab 49152 128256] [--threads 1]
 """
 
 import argparse
 import os
-import statistics
 
 import torch
 
 import epikern as ek
-from epikern.eval.cost import median_latency
-from epikern.eval.report import machine_info
+from epikern.eval.machine import machine_info
+from epikern.eval.timing import Case, interleaved_medians
 
 
 def layouts(K: int, B: int, gamma: int, V: int, max_reqs: int, gen: torch.Generator) -> dict:
@@ -56,15 +55,6 @@ def gather_then_dense(draft, target, draft_rows, target_rows):
     return torch.where(valid, u.eu, torch.full((), float("nan")))
 
 
-def interleaved_ms(fns: dict, rounds: int, per_round: int) -> dict:
-    """Median over rounds of each function's per-round median (ms); the functions alternate."""
-    per = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            per[name].append(1e3 * median_latency(fn, repeats=per_round, warmup=0))
-    return {name: statistics.median(t) for name, t in per.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 128256])
@@ -80,7 +70,7 @@ def main() -> None:
     machine = machine_info()
     print(f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']}, {args.threads} thread(s); "
           f"K = {args.drafts}, B = {args.batch}, γ = {args.gamma} (N = {args.batch * args.gamma} rows), bf16; "
-          f"median over {args.rounds} interleaved rounds of {args.per_round} calls\n")
+          f"median of {args.rounds} interleaved rounds × {args.per_round} calls\n")
     print("| layout | V | rows op | gather + dense op | gather + dense ÷ rows op |")
     print("|---|---|---|---|---|")
     gen = torch.Generator().manual_seed(0)
@@ -92,10 +82,12 @@ def main() -> None:
             rows_op = ek.draft_uncertainty_rows(draft, target, draft_rows=d_rows, target_rows=t_rows, out=out).eu
             torch.testing.assert_close(rows_op, gather_then_dense(draft, target, d_rows, t_rows),
                                        atol=1e-4, rtol=1e-4, equal_nan=True)
-            ms = interleaved_ms({
-                "rows": lambda: ek.draft_uncertainty_rows(draft, target, draft_rows=d_rows, target_rows=t_rows, out=out),
-                "gather": lambda: gather_then_dense(draft, target, d_rows, t_rows),
-            }, args.rounds, args.per_round)
+            seconds = interleaved_medians({
+                "rows": Case(lambda: ek.draft_uncertainty_rows(draft, target, draft_rows=d_rows, target_rows=t_rows,
+                                                               out=out), calls_per_round=args.per_round),
+                "gather": Case(lambda: gather_then_dense(draft, target, d_rows, t_rows), calls_per_round=args.per_round),
+            }, args.rounds, warmup=0)
+            ms = {name: 1e3 * s for name, s in seconds.items()}
             print(f"| {name} | {V} | {ms['rows']:.2f} ms | {ms['gather']:.2f} ms | {ms['gather'] / ms['rows']:.2f}× |")
     print(f"\nload average {machine['loadavg_start']:.2f} → {os.getloadavg()[0]:.2f}")
 

@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["BenchConfig", "run", "main"]
 
+
 @dataclass
 class BenchConfig:
     """Settings of one ``epikern bench`` run (``None`` = the default for the dataset and ``--quick``)."""
