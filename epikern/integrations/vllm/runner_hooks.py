@@ -14,7 +14,8 @@ and so emits ``m = n + 1`` tokens ``e_0 .. e_n`` (a prefill emits ``m = 1``, a p
   every proposal was accepted (the bonus token), which the previous round never reached.
 
 So no draft or target forward is added; the cost is one ``[K, H]×[H, V]`` LM-head row per request
-per step (the first-pass row), a gather, and one :func:`epikern.draft_uncertainty` call on all the
+per step (the first-pass row), a gather, and one fused :func:`epikern.draft_uncertainty` call (through its
+:class:`~epikern.DraftUncertaintyScorer`) on all the
 step's emitted tokens ``[K, N, V]`` against ``[N, V]``. Memory: the proposals of the last step only
 (``K·γ·V`` floats per live request), replaced every step; the per-token results of a request are
 kept until :func:`epikern.integrations.vllm.uncertainty` collects them.
@@ -26,16 +27,18 @@ but one cached ``getattr`` for engines whose draft model is not the epikern ense
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ... import DraftUncertainty, draft_uncertainty
+from ... import DraftUncertainty, DraftUncertaintyScorer
 from . import cpu_fix
 from .model import DraftEnsembleForCausalLM
 
 STATE_ATTR = "epikern_eu_state"
+EU_SWITCH = "EPIKERN_VLLM_EU"
 PLACEHOLDER_TOKEN = -1  # vLLM's marker for rejected positions in sampled_token_ids
 
 
@@ -44,6 +47,8 @@ class EUState:
 
     def __init__(self, model: DraftEnsembleForCausalLM):
         self.model = model
+        #: ek.draft_uncertainty with K and the weights checked once (the fused op, every step)
+        self.scorer = DraftUncertaintyScorer(model.num_drafts, model.lm_head_weight.device, weights=model.weights)
         self.step: Optional[tuple] = None
         self.proposals: Optional[Tensor] = None  #: [K, B_prev, γ, V] logits of the last propose
         self.proposal_index: dict[str, int] = {}  #: request id -> row of ``proposals``
@@ -74,7 +79,7 @@ class EUState:
                 earlier = ~last
                 prev = torch.tensor([self.proposal_index[req_ids[r]] for r in req[earlier].tolist()])
                 drafts[:, earlier.to(device)] = self.proposals[:, prev.to(device), j[earlier].to(device)]
-            u = draft_uncertainty(drafts, target, weights=model.weights)
+            u = self.scorer(drafts, target)
             self._append(req_ids, counts, u)
         model.captured = None
         self.proposals = torch.stack(record, dim=2) if record else None
@@ -106,11 +111,14 @@ def model_record(model: DraftEnsembleForCausalLM) -> list[Tensor]:
 
 
 def state_of(runner) -> Optional[EUState]:
-    """The runner's :class:`EUState`, or None if its draft model is not the epikern ensemble."""
+    """The runner's :class:`EUState`, or None if its draft model is not the epikern ensemble (or
+    ``EPIKERN_VLLM_EU=0`` was set when the engine started: the drafts then propose without scoring,
+    the baseline of the overhead benchmark)."""
     state = runner.__dict__.get(STATE_ATTR, False)
     if state is False:
         model = getattr(getattr(runner, "drafter", None), "model", None)
-        state = EUState(model) if isinstance(model, DraftEnsembleForCausalLM) else None
+        scoring = isinstance(model, DraftEnsembleForCausalLM) and os.environ.get(EU_SWITCH, "1") != "0"
+        state = EUState(model) if scoring else None
         if state is not None:
             cpu_fix.install()  # here, after the worker registered vLLM's CPU kernel overrides
         setattr(runner, STATE_ATTR, state)

@@ -23,6 +23,8 @@ class UncertaintyExtension:
     def epikern_state(self):
         state = state_of(self.model_runner)
         if state is None:
-            raise RuntimeError("this engine's draft model is not an epikern draft ensemble: start it with "
-                               "LLM(model=..., **epikern.integrations.vllm.engine_args(draft_dir))")
+            raise RuntimeError("this engine does not score its tokens: its draft model is not an epikern draft "
+                               "ensemble (start it with LLM(model=..., **ekv.engine_args(draft_dir))), or it runs "
+                               "vLLM's V2 model runner, the GPU default, which is not hooked (set "
+                               "VLLM_USE_V2_MODEL_RUNNER=0), or EPIKERN_VLLM_EU=0 was set")
         return state

