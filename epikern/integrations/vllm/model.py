@@ -25,11 +25,16 @@ from typing import Iterable, Optional
 import torch
 from torch import Tensor, nn
 from transformers import AutoConfig
-from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.layernorm import RMSNorm
-from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-from vllm.model_executor.models.llama import LlamaDecoderLayer
+
+from ...extras import require
+
+require("vllm", "epikern.integrations.vllm's engine side")
+
+from vllm.config import VllmConfig  # noqa: E402  (after the check above)
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size  # noqa: E402
+from vllm.model_executor.layers.layernorm import RMSNorm  # noqa: E402
+from vllm.model_executor.model_loader.weight_utils import default_weight_loader  # noqa: E402
+from vllm.model_executor.models.llama import LlamaDecoderLayer  # noqa: E402
 
 #: HF projection → (vLLM fused parameter, shard id)
 FUSED_SHARDS = {"q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),

@@ -8,12 +8,13 @@ import torch
 
 import epikern as ek
 import epikern.integrations.vllm as ekv
-from epikern.integrations.vllm.bench import drafts_cut_from
 
 from .conftest import close, make_llm, require_vllm
 
 require_vllm()
 from vllm import SamplingParams  # noqa: E402
+
+from epikern.integrations.vllm.bench import drafts_cut_from  # noqa: E402  (imports vllm)
 
 PROMPTS = ["The three primary colors are", "Q: What is 12 + 7?\nA:"]
 MAX_TOKENS = 12
