@@ -14,9 +14,9 @@ and so emits ``m = n + 1`` tokens ``e_0 .. e_n`` (a prefill emits ``m = 1``, a p
   every proposal was accepted (the bonus token), which the previous round never reached.
 
 So no draft or target forward is added; the cost is one ``[K, H]×[H, V]`` LM-head row per request
-per step (the first-pass row), a gather, and one fused :func:`epikern.draft_uncertainty` call (through its
-:class:`~epikern.DraftUncertaintyScorer`) on all the
-step's emitted tokens ``[K, N, V]`` against ``[N, V]``. Memory: the proposals of the last step only
+per step (the first-pass row) and two fused :func:`epikern.draft_uncertainty_rows` calls a step
+(last tokens against the first-pass rows, earlier tokens against the kept proposals), which read
+the target's verification rows and the kept proposals in place through row maps. Memory: the proposals of the last step only
 (``K·γ·V`` floats per live request), replaced every step; the per-token results of a request are
 kept until :func:`epikern.integrations.vllm.uncertainty` collects them.
 
@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ... import DraftUncertainty, DraftUncertaintyScorer
+from ... import DraftUncertainty, draft_uncertainty_rows
 from . import cpu_fix
 from .model import DraftEnsembleForCausalLM
 
@@ -47,8 +47,6 @@ class EUState:
 
     def __init__(self, model: DraftEnsembleForCausalLM):
         self.model = model
-        #: ek.draft_uncertainty with K and the weights checked once (the fused op, every step)
-        self.scorer = DraftUncertaintyScorer(model.num_drafts, model.lm_head_weight.device, weights=model.weights)
         self.step: Optional[tuple] = None
         self.proposals: Optional[Tensor] = None  #: [K, B_prev, γ, V] logits of the last propose
         self.proposal_index: dict[str, int] = {}  #: request id -> row of ``proposals``
@@ -71,19 +69,35 @@ class EUState:
             else:
                 starts = spec.cu_num_sampled_tokens.cpu().long() - torch.tensor(spec.num_draft_tokens) - 1
             device = logits.device
-            target = logits[(starts[req] + j).to(device)]
+            target_rows = (starts[req] + j).to(device)
             last = j == counts[req] - 1
-            drafts = torch.empty(model.num_drafts, N, target.shape[-1], device=device, dtype=torch.float32)
-            drafts[:, last.to(device)] = model.draft_logits(model.captured[req[last].to(device)])
+            # the last token of each request: the first pass's row; the others: the kept proposals
+            parts = [(last, model.draft_logits(model.captured[req[last].to(device)]), None)]
             if not bool(last.all()):
                 earlier = ~last
                 prev = torch.tensor([self.proposal_index[req_ids[r]] for r in req[earlier].tolist()])
-                drafts[:, earlier.to(device)] = self.proposals[:, prev.to(device), j[earlier].to(device)]
-            u = self.scorer(drafts, target)
+                gamma = self.proposals.shape[2]
+                parts.append((earlier, self.proposals, (prev * gamma + j[earlier]).to(device)))
+            u = self._score_rows(parts, logits, target_rows, N)
             self._append(req_ids, counts, u)
         model.captured = None
         self.proposals = torch.stack(record, dim=2) if record else None
         self.proposal_index = {rid: i for i, rid in enumerate(req_ids)}
+
+    def _score_rows(self, parts, logits: Tensor, target_rows: Tensor, N: int) -> DraftUncertainty:
+        """One fused :func:`epikern.draft_uncertainty_rows` call per draft source (``(mask over the N
+        tokens, draft logits [K, *rows, V], draft row map or None)``), reading the target's rows in
+        place; the fields put back in token order."""
+        fields = None
+        for mask, drafts, draft_rows in parts:
+            where = mask.to(logits.device)
+            u = draft_uncertainty_rows(drafts, logits, draft_rows=draft_rows, target_rows=target_rows[where],
+                                       weights=self.model.weights)
+            if fields is None:
+                fields = [f.new_empty(*f.shape[:-1], N) for f in u]
+            for field, part in zip(fields, u):
+                field[..., where] = part
+        return DraftUncertainty(*fields)
 
     def _append(self, req_ids: list, counts: Tensor, u: DraftUncertainty) -> None:
         sizes = counts.tolist()
