@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import epikern as ek
-from epikern.eval.speculative_bench import early_exit_drafts
+from epikern.eval.speculative_models import early_exit_drafts
 from epikern.models import DraftEnsemble, DraftEstimator
 from epikern.models.decoding import DecodingStats
 from .helpers import (TEMPERATURE, V_SMALL, chi_square_pvalue, one_thread, sequence_index,  # noqa: F401
