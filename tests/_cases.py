@@ -117,6 +117,23 @@ def special_rows(V: int = 500, seed: int = 11) -> tuple[torch.Tensor, torch.Tens
     return draft, target
 
 
+def masked_spread_rows(spread: float, K: int = 2, N: int = 3, V: int = 5000, seed: int = 0,
+                       mass_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``draft [K, N, V]``, ``target [N, V]`` (float32) with a ``spread``-nat logit range and a masked
+    reference: every draft has logit 0 at one entry where the target is −inf (so eu = kl = +inf),
+    and ``spread`` at another, in a later block (``mass_first``) or an earlier one; the rest
+    ~ N(0, 1). Past ~87 (device) or ~104 nats (any fp32 exp) the mass entry's e^{x − max}
+    underflows, yet its cross term must stay +inf."""
+    g = torch.Generator().manual_seed(seed)
+    draft = torch.randn(K, N, V, generator=g)
+    target = torch.randn(N, V, generator=g)
+    mass, peak = (1, V - 2) if mass_first else (V - 2, 1)
+    draft[:, :, mass] = 0.0
+    target[:, mass] = float("-inf")
+    draft[:, :, peak] = spread
+    return draft, target
+
+
 def assert_special_rows(out) -> None:
     """The verdicts of :func:`special_rows` beyond matching the reference."""
     inf = float("inf")

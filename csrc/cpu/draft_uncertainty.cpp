@@ -150,8 +150,9 @@ struct PassSums {
 };
 
 // One pass over src[0, len) relative to r. kCross: cross term against the scaled reference y
-// (kGuard: y holds −inf, so e = 0 must give 0, not 0·inf). kKeep: 2^{x − r} to out. kStoreY
-// (the reference itself): x to out, and 0 in the padding lanes after len. inv_t: log2(e)/T.
+// (kGuard: y holds −inf, so e = 0 must give 0, not 0·inf; a finite x against y = −inf gives +inf,
+// as the header's softmax_terms). kKeep: 2^{x − r} to out. kStoreY (the reference itself): x to
+// out, and 0 in the padding lanes after len. inv_t: log2(e)/T.
 template <class T, bool kCross, bool kGuard, bool kKeep, bool kStoreY>
 PassSums pass1(const T* __restrict src, int64_t len, float inv_t, float r, const float* __restrict y,
                float* __restrict out) {
@@ -164,8 +165,10 @@ PassSums pass1(const T* __restrict src, int64_t len, float inv_t, float r, const
     s += e;
     t += e * d;
     if constexpr (kCross) {
-      const vf u = e * ((d + vr) - S::load(y + i));
-      c += kGuard ? S::where_nonzero(e, u) : u;
+      const vf yv = S::load(y + i), u = e * ((d + vr) - yv);
+      // kGuard: 0 where e = 0 (no 0·inf), but +inf for a finite x against y = −inf, also where
+      // d was clamped (the unclamped x − y; −inf − (−inf) is NaN, not +inf)
+      c += kGuard ? S::where_posinf(v * vinv - yv, S::where_nonzero(e, u)) : u;
     }
     if constexpr (kKeep) S::store(out + i, e);
     if constexpr (kStoreY) {

@@ -61,6 +61,10 @@ EPIKERN_INLINE vf where_nonzero(vf p, vf x) {
   return reinterpret_cast<vf>(reinterpret_cast<vi>(x) & (p != 0.f));
 }
 
+// d where d = +inf, else x (a compare and a blend): in a cross term, a finite logit against a −inf
+// reference (d = logit − reference = +inf) counts +inf even where its exponential underflowed.
+EPIKERN_INLINE vf where_posinf(vf d, vf x) { return d == INFINITY ? d : x; }
+
 // Unaligned loads of kWidth logits, converted to fp32.
 EPIKERN_INLINE vf load(const float* p) {
   vf v;

@@ -19,7 +19,7 @@ import torch
 import epikern as ek
 from epikern.backends import cpu, reference
 from tests._cases import (KINDS, assert_close, assert_close_stats, assert_special_rows, make_logits,
-                          reference_stats, special_rows)
+                          masked_spread_rows, reference_stats, special_rows)
 
 _cpu = pytest.importorskip("epikern._cpu", reason="epikern._cpu is not built (pip install -e .)")
 
@@ -169,6 +169,18 @@ def test_draft_uncertainty_special_rows(cpu_isa):
     out = ek.draft_uncertainty(draft, target, backend="cpu")
     assert_close_stats(out, reference_stats(draft, target))
     assert_special_rows(out)
+
+
+@pytest.mark.parametrize("V", [5000, 40000], ids=["rows", "split"])
+@pytest.mark.parametrize("mass_first", [True, False], ids=["mass-first", "peak-first"])
+@pytest.mark.parametrize("spread", [95.0, 120.0])
+def test_masked_reference_past_a_big_spread_is_inf(cpu_isa, spread, mass_first, V):
+    """A draft entry against a −inf reference makes eu +inf even where its e^{x − max} underflows
+    (peak-first: the vector cross term of sweep 1), on the row and the split-vocabulary paths."""
+    draft, target = masked_spread_rows(spread, N=2, V=V, mass_first=mass_first)
+    out = ek.draft_uncertainty(draft, target, backend="cpu")
+    assert torch.isposinf(out.eu).all(), f"{cpu_isa}: eu = {out.eu.tolist()}"
+    assert torch.isfinite(out.jsd).all() and torch.isfinite(out.draft_entropy).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -21,6 +21,7 @@ import torch
 
 import epikern as ek
 from epikern.backends import reference
+from tests._cases import masked_spread_rows
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")]
@@ -54,30 +55,12 @@ def backend(request, monkeypatch):
     return name, device
 
 
-def _masked_rows(spread: float, K: int = 2, N: int = 3, seed: int = 0, mass_first: bool = True):
-    """``draft [K, N, V]``, ``target [N, V]``: every draft has logit 0 at one entry where the target
-    is −inf, and ``spread`` at another, in a later block (``mass_first``) or an earlier one; the rest
-    ~ N(0, 1)."""
-    g = torch.Generator().manual_seed(seed)
-    draft = torch.randn(K, N, V, generator=g)
-    target = torch.randn(N, V, generator=g)
-    mass, peak = (1, V - 2) if mass_first else (V - 2, 1)
-    draft[:, :, mass] = 0.0
-    target[:, mass] = -math.inf
-    draft[:, :, peak] = spread
-    return draft, target
-
-
 @pytest.mark.parametrize("mass_first", [True, False], ids=["mass-first", "peak-first"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("spread", SPREADS)
-def test_draft_uncertainty_is_inf(backend, spread, dtype, mass_first, request):
+def test_draft_uncertainty_is_inf(backend, spread, dtype, mass_first):
     name, device = backend
-    if name == "cpu" and not mass_first:
-        # the CPU kernel's vectorised cross term (csrc/cpu/draft_uncertainty.cpp, pass1) still counts
-        # an entry whose e^{x−r} underflowed as 0, also against a −inf reference: eu is finite there
-        request.applymarker(pytest.mark.xfail(strict=True, reason="cpu pass1 cross term: follow-up"))
-    draft, target = _masked_rows(spread, mass_first=mass_first)
+    draft, target = masked_spread_rows(spread, V=V, mass_first=mass_first)
     draft, target = draft.to(dtype), target.to(dtype)
     oracle = reference.draft_uncertainty(draft, target, torch.full((2,), 0.5))[0]
     assert torch.isposinf(oracle[0]).all() and torch.isposinf(oracle[2]).all()  # eu, kl
@@ -97,8 +80,8 @@ def test_forward_kl_is_inf(backend, spread, dtype, mass_first):
     name, device = backend
     if name == "cuda":
         pytest.skip("backend 'cuda' has no forward_kl")
-    teacher, student = (_masked_rows(spread, K=1, mass_first=mass_first)[0][0],
-                        _masked_rows(spread, K=1, seed=1, mass_first=mass_first)[1])
+    teacher = masked_spread_rows(spread, K=1, V=V, mass_first=mass_first)[0][0]
+    student = masked_spread_rows(spread, K=1, V=V, seed=1, mass_first=mass_first)[1]
     teacher, student = teacher.to(dtype), student.to(dtype)  # teacher mass where the student is −inf
     assert torch.isposinf(reference.forward_kl(student, teacher, reduction="none")).all()
     loss = ek.forward_kl(student.to(device), teacher.to(device), reduction="none", backend=name)
