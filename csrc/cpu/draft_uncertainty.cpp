@@ -534,7 +534,9 @@ struct DraftUncertaintyKernel {
     const int64_t rs = a.stats_stride_row;
     out[0 * rs] = r.eu;
     out[1 * rs] = mix ? mix->jsd * kLn2 : nan;
-    out[2 * rs] = mix && kHasP ? mix->kl * kLn2 : nan;
+    // KL(q̄ ‖ p) = +inf exactly when some draft with w_k > 0 has KL(q_k ‖ p) = +inf, i.e. when eu
+    // is: sweep 2 counts an entry whose q̄ underflowed as 0, yet q̄ > 0 there.
+    out[2 * rs] = mix && kHasP ? (r.eu == INFINITY ? r.eu : mix->kl * kLn2) : nan;
     out[3 * rs] = r.draft_entropy;
     out[4 * rs] = mix ? mix->entropy * kLn2 : nan;
     out[5 * rs] = r.target_entropy;

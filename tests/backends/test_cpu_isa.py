@@ -175,11 +175,13 @@ def test_draft_uncertainty_special_rows(cpu_isa):
 @pytest.mark.parametrize("mass_first", [True, False], ids=["mass-first", "peak-first"])
 @pytest.mark.parametrize("spread", [95.0, 120.0])
 def test_masked_reference_past_a_big_spread_is_inf(cpu_isa, spread, mass_first, V):
-    """A draft entry against a −inf reference makes eu +inf even where its e^{x − max} underflows
-    (peak-first: the vector cross term of sweep 1), on the row and the split-vocabulary paths."""
+    """A draft entry against a −inf reference makes eu and kl +inf even where its e^{x − max}
+    (peak-first: sweep 1's vector cross term) or q̄ (sweep 2) underflows, on the row path and the
+    split-vocabulary path (the entry in another span: the merge)."""
     draft, target = masked_spread_rows(spread, N=2, V=V, mass_first=mass_first)
     out = ek.draft_uncertainty(draft, target, backend="cpu")
     assert torch.isposinf(out.eu).all(), f"{cpu_isa}: eu = {out.eu.tolist()}"
+    assert torch.isposinf(out.kl).all(), f"{cpu_isa}: kl = {out.kl.tolist()}"
     assert torch.isfinite(out.jsd).all() and torch.isfinite(out.draft_entropy).all()
 
 
