@@ -345,6 +345,7 @@ class Sweep:
     def evaluate(self, point: SweepPoint) -> dict:
         """The point's metrics against the ground truth at its σ; a references-only point gives ``{}``."""
         from ..models import DraftEnsemble
+        from . import metrics
         from .cost import draft_ensemble_flops_per_token, lm_flops_per_token
         from .estimators import draft_method
 
@@ -359,6 +360,8 @@ class Sweep:
         flops = method.flops_per_token(c)
         summary = json.loads((path / "drafts.json").read_text())
         return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True, [scores["jsd"], scores["kl"]]),
+                **{f"jsd_{k}": v for k, v in metrics.token_metrics(scores["jsd"], refs["ground_truth"]).items()
+                   if k in ("rmse", "pearson", "spearman")},  # jsd alone: PSD's estimate of the MI
                 "jsd_mean": float(np.nanmean(np.concatenate(scores["jsd"]))),
                 "kl_mean": float(np.nanmean(np.concatenate(scores["kl"]))),
                 "flops_per_token": flops, "flops_vs_tokur": flops / methods["tokur"].flops_per_token(c),

@@ -16,7 +16,8 @@ COLUMNS = {"rmse": ("RMSE", ".3g"), "rmse_calibrated": ("RMSE cal.", ".3g"), "pe
            "auroc_max": ("AUROC max", ".3f"), "auroc_sum": ("AUROC sum", ".3f"), "auroc_tokur": ("AUROC TokUR", ".3f"),
            "prr": ("PRR", ".3f"),
            "flops_vs_tokur": ("FLOPs ÷ TokUR", ".3f"), "draft_step_vs_target_step": ("draft ÷ target step", ".2f"),
-           "jsd_mean": ("jsd mean", ".3g"), "kl_mean": ("kl mean", ".3g")}
+           "jsd_pearson": ("Pearson of jsd alone", ".3f"), "jsd_mean": ("jsd mean", ".3g"),
+           "kl_mean": ("kl mean", ".3g")}
 
 
 def _cell(value: Optional[float], fmt: str) -> str:
