@@ -89,6 +89,9 @@ def grid(num_layers: int, quick: bool = False) -> list[SweepPoint]:
                P("layer-skip S2 n2", "variants", {"layer_skip": True, "shared_layers": 2, "branch_layers": 2, **long}),
                P("PSD 1x4", "variants", {"partitions": 1, "drafts_per_partition": 4, "idd": True, "psd": True, **long}),
                P("PSD 2x2", "variants", {"psd": True, **long}),
+               P("PSD 2x2, 200 steps", "variants", {"psd": True, "steps": 200}),
+               P("PSD 1x4, 800 steps", "variants",
+                 {"partitions": 1, "drafts_per_partition": 4, "idd": True, "psd": True, "steps": 800}),
                P("more responses (R=8) 2x2", "variants", {"more_responses": 4, **long})]
     for sigma in (0.05, 0.2):
         points += [P(f"400 steps, sigma {sigma}", "sigma", long, sigma),
