@@ -37,7 +37,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, Optional, Union
 
@@ -241,9 +241,11 @@ def _answer(models: Models, cfg: BenchConfig) -> list[Batch]:
 
 
 def _estimators(models: Models, cfg: BenchConfig):
-    """``(estimators, ground_truth, not_run)``; not_run maps a method to the reason."""
+    """``(estimators, (ground_truth, its independent second half), not_run)``; not_run maps a method
+    to the reason."""
     from ..models.tokur import TokUR
-    from .estimators import draft_method, target_baselines, tokur_method
+    from .estimators import draft_method, length_baseline, target_baselines, tokur_method
+    from .oracle import oracle_method
 
     target = models.target
     methods, not_run = [], {}
@@ -264,10 +266,14 @@ def _estimators(models: Models, cfg: BenchConfig):
     else:
         not_run["drafts_idd"] = not_run["single_draft"] = models.missing["idd_drafts"]
     tokur = TokUR(target, rank=cfg.rank, sigma=cfg.sigma, num_samples=cfg.tokur_samples, seed=cfg.seed)
+    # the method's ceiling: as many of TokUR's perturbed members as there are DDD drafts, as drafts
+    oracle_k = models.ddd.num_drafts if models.ddd is not None else 4
+    methods.append(oracle_method("oracle_drafts", tokur.with_samples(oracle_k + 1, seed=cfg.seed + 2)))
     methods.append(tokur_method("tokur", tokur))
-    methods += target_baselines(target)
-    truth = tokur_method("ground_truth", tokur.with_samples(cfg.ground_truth_samples, seed=cfg.seed + 1))
-    return methods, truth, not_run
+    methods += target_baselines(target) + [length_baseline(target)]
+    truths = tuple(tokur_method("ground_truth", tokur.with_samples(cfg.ground_truth_samples, seed=seed))
+                   for seed in (cfg.seed + 1, cfg.seed + 3))  # the second: the split-half ceiling only
+    return methods, truths, not_run
 
 
 @dataclass
@@ -278,6 +284,7 @@ class Scored:
     latency_ms_per_token: float
     measured_flops_per_token: float
     peak_memory: PeakMemory
+    terms: dict[str, list[np.ndarray]] = field(default_factory=dict)  #: jsd and kl of the draft methods
 
     def cost(self) -> dict:
         """The measured cost as the report writes it."""
@@ -306,9 +313,12 @@ def _score_all(estimator, batches: list[Batch], cfg: BenchConfig, bar) -> Scored
 
     first = batches[0]
     seconds, scores = [], []
+    terms = {"jsd": [], "kl": []} if estimator.terms is not None else {}
+    # the draft methods' terms come from the same call as their score (the whole DraftUncertainty)
+    call = estimator.score if estimator.terms is None else estimator.terms
 
     def score(b: Batch):  # the positions from the prompt's last token on predict the response
-        return estimator.score(b.sequences, b.attention_mask, b.prompt_len - 1)
+        return call(b.sequences, b.attention_mask, b.prompt_len - 1)
 
     for i, b in enumerate(batches):
         if i == 0:
@@ -316,14 +326,37 @@ def _score_all(estimator, batches: list[Batch], cfg: BenchConfig, bar) -> Scored
             seconds.append(s)
         else:
             raw = score(b)
-        scores += response_scores(raw, b.prompt_len, b.generated_mask)
+        for name in terms:
+            terms[name] += response_scores(getattr(raw, name), b.prompt_len, b.generated_mask)
+        scores += response_scores(raw if not terms else raw.eu, b.prompt_len, b.generated_mask)
         bar.update(1)
     seconds += [timed_call(lambda: score(first), cfg.device)[1] for _ in range(cfg.latency_repeats - 1)]
     rows = slice(0, 1)
     _, flops, _ = count_flops(estimator.score, first.sequences[rows], first.attention_mask[rows], first.prompt_len - 1)
     generated = int(first.generated_mask.sum())
     return Scored(scores, 1e3 * float(np.median(seconds)) / generated,
-                  flops / max(int(first.generated_mask[rows].sum()), 1), mem)
+                  flops / max(int(first.generated_mask[rows].sum()), 1), mem, terms)
+
+
+def _scores_only(estimator, batches: list[Batch], bar) -> list[np.ndarray]:
+    """The token scores of every response (no cost measured)."""
+    from .estimators import response_scores
+
+    scores = []
+    for b in batches:
+        scores += response_scores(estimator.score(b.sequences, b.attention_mask, b.prompt_len - 1), b.prompt_len,
+                                  b.generated_mask)
+        bar.update(1)
+    return scores
+
+
+def _split_half(truth: list[np.ndarray], second: list[np.ndarray]) -> dict:
+    """The ground truth's own ceiling: Pearson and Spearman between two independent ensembles."""
+    from . import metrics
+
+    return {"split_half_pearson": metrics.pearson(second, truth), "split_half_spearman": metrics.spearman(second, truth),
+            "split_half": "two independent ensembles of M members (seeds +1 and +3): the Pearson an estimator "
+                          "could reach with one of them"}
 
 
 def _metrics(est, scored: Scored, truth: list, wrong: np.ndarray, context: float) -> MethodRun:
@@ -337,9 +370,13 @@ def _metrics(est, scored: Scored, truth: list, wrong: np.ndarray, context: float
         cv = metrics.auroc_lr(features, wrong)
         prr = metrics.prr(cv.scores, wrong) if np.isfinite(cv.scores).all() else None
         auroc_tokur = metrics.auroc_tokur(scores, wrong)
+        aggregates = metrics.auroc_aggregates(scores, wrong)
+        calibrated = (metrics.calibrated_rmse(list(scored.terms.values()) or [scores], truth)
+                      if est.is_eu else None)
     reasons = {}
     if not est.is_eu:
-        reasons["rmse"] = "not an EU estimate (a different quantity in other units): RMSE is not meaningful"
+        reasons["rmse"] = reasons["rmse_calibrated"] = \
+            "not an EU estimate (a different quantity in other units): RMSE is not meaningful"
     if prr is None:
         reasons["prr"] = cv.reason or "no cross-validated score"
     if cv.reason:
@@ -350,7 +387,8 @@ def _metrics(est, scored: Scored, truth: list, wrong: np.ndarray, context: float
         flops_per_token=est.flops_per_token(context), extra_flops_per_token=est.extra_flops_per_token(context),
         latency_ms_per_token=scored.latency_ms_per_token, measured_flops_per_token=scored.measured_flops_per_token,
         peak_memory_bytes=scored.peak_memory.bytes, peak_memory_method=scored.peak_memory.method,
-        features=feature_names, reasons=reasons)
+        features=feature_names, reasons=reasons, rmse_calibrated=calibrated,
+        **{f"auroc_{k}": v for k, v in aggregates.items()})
     return MethodRun(scored, result, cv.scores)
 
 
@@ -425,7 +463,7 @@ def _plots(out: Path, models: Models, batches: list[Batch], results: dict[str, M
         ids = b.sequences[j, b.prompt_len:][b.generated_mask[j]]
         tokens_text.append([tok.decode([int(t)]) for t in ids])
     labels = {"drafts_ddd": "drafts (DDD)", "drafts_ddd_osd": "drafts (DDD) vs OSD proxy",
-              "drafts_idd": "drafts (IDD)", "tokur": "TokUR (M=10)"}
+              "drafts_idd": "drafts (IDD)", "oracle_drafts": "oracle drafts (TokUR's members)", "tokur": "TokUR (M=10)"}
     for name, label in labels.items():
         if name in results:
             series[label] = [results[name].scored.scores[i] for i in picks]
@@ -470,11 +508,14 @@ def run(cfg: BenchConfig) -> dict:
     batches = _answer(models, cfg)
     lap("answering")
     wrong = np.array([w for b in batches for w in b.wrong], dtype=bool)
-    methods, truth_est, not_run = _estimators(models, cfg)
-    bar = tqdm(total=len(batches) * (len(methods) + 1), desc="scoring", unit="batch")
+    methods, (truth_est, second_est), not_run = _estimators(models, cfg)
+    bar = tqdm(total=len(batches) * (len(methods) + 2), desc="scoring", unit="batch")
     bar.set_postfix_str("ground truth")
     truth = _score_all(truth_est, batches, cfg, bar)
     lap("scoring ground_truth")
+    bar.set_postfix_str("ground truth, second half")
+    second = _scores_only(second_est, batches, bar)
+    lap("scoring ground_truth (second half)")
     results = {}
     n_generated = [int(b.generated_mask.sum()) for b in batches]
     prompt_len = float(np.mean([int(b.attention_mask[:, : b.prompt_len].sum(1).float().mean()) for b in batches]))
@@ -506,7 +547,7 @@ def run(cfg: BenchConfig) -> dict:
         "methods": {name: m.to_json() for name, m in method_table.items()},
         "ground_truth": {"description": truth_est.description, "num_samples": cfg.ground_truth_samples,
                          "flops_per_token": truth_est.flops_per_token(context),
-                         **truth.cost()},
+                         **truth.cost(), **_split_half(truth.scores, second)},
         "speculative": speculative,
         "speculative_steps": speculative_steps,
         "plots": plots,

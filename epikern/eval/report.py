@@ -49,9 +49,13 @@ SPECULATIVE_KEYS = ("name", "tokens_per_s", "acceptance")
 #: (key, header, kind) of the methods table, in order; the FLOPs ratio is derived.
 COLUMNS = (
     ("rmse", "RMSE ↓", "metric"),
+    ("rmse_calibrated", "RMSE cal. ↓", "metric"),
     ("pearson", "Pearson ↑", "metric"),
     ("spearman", "Spearman ↑", "metric"),
     ("auroc_lr", "AUROC LR ↑", "metric"),
+    ("auroc_mean", "AUROC mean ↑", "metric"),
+    ("auroc_max", "AUROC max ↑", "metric"),
+    ("auroc_sum", "AUROC sum ↑", "metric"),
     ("auroc_tokur", "AUROC TokUR ↑", "metric"),
     ("prr", "PRR ↑", "metric"),
     ("flops_per_token", "FLOPs/token", "flops"),
@@ -70,6 +74,13 @@ CONVENTIONS = {
            "curve over the area between random and the oracle",
     "rmse": "token-level, against the ground-truth EU (mutual information of a perturbation "
             "ensemble of the target), in nats",
+    "rmse_calibrated": "the same after the best linear map of the EU terms (c1·jsd + c2·kl for the draft "
+                       "methods, c·score otherwise; no intercept), fit on the other folds of a 5-fold split "
+                       "over responses: the information in the terms, apart from their scale",
+    "auroc_mean / auroc_max / auroc_sum": "AUROC of each aggregate of the token scores alone (no fitting); "
+                                          "positive class = wrong answer",
+    "split_half_pearson": "Pearson between two independent ground-truth ensembles of M members each (its "
+                          "own noise ceiling: no estimator can correlate much better with one of them)",
 }
 
 

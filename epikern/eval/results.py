@@ -13,7 +13,8 @@ from typing import Any, Optional
 __all__ = ["METHODS", "METHOD_METRICS", "MethodScores", "NotRun"]
 
 #: Every method ``epikern bench`` compares, in report order (:mod:`epikern.eval.estimators`).
-METHODS = ("drafts_ddd", "drafts_ddd_osd", "drafts_idd", "single_draft", "tokur", "entropy", "maxprob", "loglik")
+METHODS = ("drafts_ddd", "drafts_ddd_osd", "drafts_idd", "single_draft", "oracle_drafts", "tokur", "entropy",
+           "maxprob", "loglik", "length")
 #: What every method entry of the report holds (a number, or null with a reason).
 METHOD_METRICS = ("rmse", "pearson", "auroc_lr", "auroc_tokur", "prr", "flops_per_token", "latency_ms_per_token")
 
@@ -23,8 +24,10 @@ class MethodScores:
     """One method's quality and cost on the benchmark's responses.
 
     Quality (token level against the ground truth; hallucination detection from aggregated token
-    scores, :mod:`epikern.eval.metrics`): ``rmse`` (EU estimates only), ``pearson``, ``spearman``,
-    ``auroc_lr``, ``auroc_tokur``, ``prr``. Cost per generated token: analytic ``flops_per_token``
+    scores, :mod:`epikern.eval.metrics`): ``rmse`` (EU estimates only) and ``rmse_calibrated`` (after
+    the cross-fitted linear map of the EU terms: jsd and kl for the draft methods), ``pearson``,
+    ``spearman``, ``auroc_lr`` (the logistic regression on all aggregates) and ``auroc_mean`` /
+    ``auroc_max`` / ``auroc_sum`` (each aggregate alone), ``auroc_tokur``, ``prr``. Cost per generated token: analytic ``flops_per_token``
     (all of it) and ``extra_flops_per_token`` (beyond plain decoding), ``flops_vs_tokur`` (÷ TokUR's),
     ``latency_ms_per_token``, ``measured_flops_per_token`` (``FlopCounterMode``), and the peak memory of
     scoring one batch.
@@ -46,6 +49,10 @@ class MethodScores:
     features: list[str]  #: the aggregated token-score features of the detector
     reasons: dict[str, str] = field(default_factory=dict)  #: metric → why it is None (or undefined)
     flops_vs_tokur: Optional[float] = None
+    rmse_calibrated: Optional[float] = None
+    auroc_mean: Optional[float] = None
+    auroc_max: Optional[float] = None
+    auroc_sum: Optional[float] = None
 
     def to_json(self) -> dict[str, Any]:
         """The report's method entry: the fields in order, each reason as ``"<key>_reason"``."""

@@ -38,8 +38,16 @@ def test_quick_run_reports_every_method_on_the_same_responses(quick):
         m = methods[name]
         assert m["rmse"] is not None and m["rmse"] >= 0 and -1 <= m["pearson"] <= 1, name
         assert m["flops_per_token"] > 0 and m["latency_ms_per_token"] > 0, name
-    for name in ("entropy", "maxprob", "loglik"):
+    for name in ("entropy", "maxprob", "loglik", "length"):
         assert methods[name]["rmse"] is None and "not an EU estimate" in methods[name]["rmse_reason"]
+    for name in ("drafts_ddd", "drafts_idd", "oracle_drafts", "tokur"):
+        assert 0 <= methods[name]["rmse_calibrated"] <= methods[name]["rmse"] * 1.5, name
+    for name in METHODS:  # the aggregates alone, beside the logistic regression
+        assert all(0 <= methods[name][f"auroc_{a}"] <= 1 for a in ("mean", "max", "sum")), name
+    assert methods["length"]["auroc_sum"] == methods["length"]["auroc_tokur"]  # Σ 1 = the length
+    assert "oracle drafts: K=4" in methods["oracle_drafts"]["description"]
+    assert 0.4 < methods["oracle_drafts"]["flops_vs_tokur"] < 0.6  # K + 1 = 5 of TokUR's M = 10 forwards
+    assert -1 <= saved["ground_truth"]["split_half_pearson"] <= 1
     # the drafts cost a fraction of TokUR's M target forwards; the single draft less than four
     assert all(methods[n]["flops_vs_tokur"] < 1 for n in ("drafts_ddd", "drafts_idd", "single_draft"))
     assert methods["single_draft"]["flops_per_token"] < methods["drafts_ddd"]["flops_per_token"]
