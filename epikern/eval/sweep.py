@@ -2,8 +2,9 @@
 
     epikern bench sweep [--quick] [--out runs/sweep] [--points NAME ...]
 
-Every point is a drafts recipe (:class:`~epikern.training.config.DraftsRecipe`) on the embedded
-tiny target (``build_tiny``; ``--quick`` the quick one), trained by the same loop as ``epikern train
+Every point is a drafts recipe (:class:`~epikern.training.config.DraftsRecipe`): the paper's
+(:func:`epikern.training.presets.drafts`) with the point's changes, on the embedded tiny target
+(``build_tiny`` of the paper's pipeline; ``--quick`` the quick one), trained by the same loop as ``epikern train
 drafts`` and scored on the target's own held-out answers (``heldout.jsonl``: its greedy responses,
 graded), against the ground truth (TokUR's perturbation ensemble, M = 32, its own seed):
 
@@ -242,8 +243,10 @@ class Sweep:
         from ..training.target import read_heldout
 
         self.cfg = cfg
-        pipeline = cfg.pipeline or tiny_pipeline(cfg.quick)
-        self.built = build_tiny(cfg.models_dir, quick=cfg.quick, pipeline=cfg.pipeline)
+        # the paper's recipes: the grid varies them, whatever the embedded default is
+        pipeline = cfg.pipeline or tiny_pipeline(cfg.quick, paper=True)
+        self.built = build_tiny(cfg.models_dir, quick=cfg.quick, pipeline=pipeline,
+                                label=None if cfg.pipeline else "quick" if cfg.quick else "default")
         self.cache = self.built.root / "sweep"
         self.target, tok = load_causal_lm(self.built.target)
         rows = read_heldout(self.built.heldout)[:cfg.problems_or_default()]
@@ -384,7 +387,7 @@ def selected_points(cfg: SweepConfig) -> list[SweepPoint]:
     """
     from ..training.pipeline import tiny_pipeline
 
-    points = grid((cfg.pipeline or tiny_pipeline(cfg.quick)).target.model.num_layers, cfg.quick)
+    points = grid((cfg.pipeline or tiny_pipeline(cfg.quick, paper=True)).target.model.num_layers, cfg.quick)
     if cfg.points:
         unknown = sorted(set(cfg.points) - {p.name for p in points})
         if unknown:

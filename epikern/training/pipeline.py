@@ -60,9 +60,11 @@ class TinyPipeline:
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def tiny_pipeline(quick: bool = False, *, osd_drafts: bool = False) -> TinyPipeline:
-    """The default (or ``quick``) recipes: DDD 2×2 and IDD 2×2 drafts with S = 1, and the OSD proxy."""
-    ddd = presets.drafts(quick)
+def tiny_pipeline(quick: bool = False, *, osd_drafts: bool = False, paper: bool = False) -> TinyPipeline:
+    """The default (or ``quick``) recipes: DDD 2×2 and IDD 2×2 drafts with S = 1
+    (:func:`presets.embedded_drafts`, or with ``paper`` the paper's :func:`presets.drafts`), and the
+    OSD proxy."""
+    ddd = presets.drafts(quick) if paper else presets.embedded_drafts(quick)
     return TinyPipeline(target=presets.target(quick), ddd=ddd, idd=dataclasses.replace(ddd, idd=True),
                         proxy=presets.proxy(quick), ddd_osd=dataclasses.replace(ddd, osd=True) if osd_drafts else None)
 
@@ -84,19 +86,21 @@ class TinyModels:
 
 def build_tiny(out_dir: Union[str, Path, None] = None, quick: bool = False, *,
                pipeline: Optional[TinyPipeline] = None, progress: bool = True, threads: Optional[int] = 1,
-               dist: Optional[Distributed] = None) -> TinyModels:
+               dist: Optional[Distributed] = None, label: Optional[str] = None) -> TinyModels:
     """Build (or find) the tiny target, DDD and IDD drafts and OSD proxy; see the module docstring.
 
     Args:
         out_dir: the cache root (default ``cache_dir() / "tiny"``).
         quick: the ``--quick`` presets (ignored when ``pipeline`` is given).
         pipeline: explicit recipes (e.g. smaller ones in tests).
+        label: the build directory's label (default ``"custom"`` with ``pipeline``, else ``"quick"``
+            or ``"default"``); the directory is ``tiny-<label>-<key>``.
         progress: progress bars.
         threads: torch's intra-op threads while building (restored afterwards; None: leave them).
             One by default: the tiny models' matrices are too small to gain from more, and on a
             busy machine two OpenMP threads on two cores stall each other (several times slower).
     """
-    label = "custom" if pipeline is not None else "quick" if quick else "default"
+    label = label or ("custom" if pipeline is not None else "quick" if quick else "default")
     pipeline = pipeline or tiny_pipeline(quick)
     root = Path(out_dir or cache_dir() / "tiny") / f"tiny-{label}-{pipeline.key()}"
     marker = root / PIPELINE_NAME

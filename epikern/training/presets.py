@@ -33,6 +33,17 @@ def drafts(quick: bool = False) -> DraftsRecipe:
     return dataclasses.replace(base, train=dataclasses.replace(base.train, steps=40, warmup_steps=4))
 
 
+def embedded_drafts(quick: bool = False) -> DraftsRecipe:
+    """The drafts of ``epikern bench``'s embedded pipeline: :func:`drafts` (the paper's recipe, which
+    ``epikern train drafts`` keeps) with posterior-sample distillation for 200 steps instead of 80,
+    the best point at ≤ 30 % of TokUR's FLOPs per token that ``epikern bench sweep`` measured
+    (token Pearson with the ground truth 0.28 against 0.17; benchmarks/RESULTS.md § Sweep).
+    ``--quick`` keeps its 40 steps."""
+    base = drafts(quick)
+    steps = base.train.steps if quick else 200
+    return dataclasses.replace(base, psd=True, train=dataclasses.replace(base.train, steps=steps))
+
+
 def proxy(quick: bool = False) -> ProxyRecipe:
     """``epikern train proxy`` [--quick] (``target`` is set by the caller)."""
     base = ProxyRecipe()

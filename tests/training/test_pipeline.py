@@ -87,3 +87,11 @@ def test_a_build_whose_drafts_changed_copies_the_finished_target(tmp_path, monke
     assert models.metrics["metrics"]["target"] == first.metrics["metrics"]["target"]
     assert "target" not in models.metrics["seconds"] and "drafts_ddd" in models.metrics["seconds"]
     assert not list(tmp_path.glob("*/*.copying"))
+
+
+def test_the_embedded_drafts_are_the_papers_recipe_with_psd_at_200_steps():
+    paper, default = tiny_pipeline(paper=True), tiny_pipeline()
+    assert paper.target == default.target and paper.proxy == default.proxy
+    assert default.ddd == dataclasses.replace(paper.ddd, psd=True, train=dataclasses.replace(paper.ddd.train, steps=200))
+    assert not paper.ddd.psd and paper.ddd.train.steps == 80  # what `epikern train drafts` and the sweep start from
+    assert tiny_pipeline(quick=True).ddd.train.steps == tiny_pipeline(quick=True, paper=True).ddd.train.steps
