@@ -63,6 +63,10 @@ def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: 
         value = references.get(name, {}).get(metric)
         if value is not None and np.isfinite(value):
             ax.axhline(value, color=color, linestyle=style, linewidth=1.1, label=f"{text}: {value:.3g}")
+    ceiling = references.get("ground_truth", {}).get("split_half_pearson")
+    if metric == "pearson" and ceiling is not None:
+        ax.axhline(ceiling, color="0.3", linestyle="-", linewidth=0.8,
+                   label=f"ground truth's split-half ceiling: {ceiling:.3g}")
     ax.axvline(0.3, color="0.6", linestyle=":", linewidth=1, label="30 % of TokUR's FLOPs")
     ax.set_xscale("log")
     if metric == "rmse":
