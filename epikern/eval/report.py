@@ -62,6 +62,8 @@ COLUMNS = (
     ("latency_ms_per_token", "ms/token", "ms"),
 )
 RATIO_HEADER = "FLOPs ÷ TokUR"
+#: columns of report.md that the terminal table leaves out (to fit 160 columns)
+TERMINAL_OMITS = ("auroc_mean", "auroc_max", "auroc_sum")
 
 CONVENTIONS = {
     "flops": "one multiply-add = 2 FLOPs; matmuls and attention (q·kᵀ and the weighted sum of "
@@ -263,19 +265,19 @@ def _fmt(v, kind: str) -> str:
     return f"{v:.3f}"
 
 
-def _method_rows(r: Mapping) -> tuple[list[str], list[list[str]], list[str]]:
+def _method_rows(r: Mapping, columns=COLUMNS) -> tuple[list[str], list[list[str]], list[str]]:
     """Header, rows (methods in report order) and the footnotes that explain nulls."""
     methods = r.get("methods", {})
     ref = methods.get("tokur", {}).get("flops_per_token")
-    header = ["method"] + [h for _, h, _ in COLUMNS] + [RATIO_HEADER]
+    header = ["method"] + [h for _, h, _ in columns] + [RATIO_HEADER]
     rows, notes = [], []
     for name, m in methods.items():
-        row = [name] + [_fmt(m.get(key), kind) for key, _, kind in COLUMNS]
+        row = [name] + [_fmt(m.get(key), kind) for key, _, kind in columns]
         flops = m.get("flops_per_token")
         ratio = flops / ref if _is_number(flops) and _is_number(ref) and ref > 0 else None
         row.append(_fmt(ratio, "ratio"))
         rows.append(row)
-        for key, _, _ in COLUMNS:
+        for key, _, _ in columns:
             if m.get(key) is None and isinstance(m.get(f"{key}_reason"), str):
                 notes.append(f"{name} {key}: {m[f'{key}_reason']}")
     return header, rows, notes
@@ -381,7 +383,7 @@ def methods_table(report: Mapping, width: int = 160) -> str:
     from rich.table import Table
 
     r = to_json_compatible(report)
-    header, rows, notes = _method_rows(r)
+    header, rows, notes = _method_rows(r, [c for c in COLUMNS if c[0] not in TERMINAL_OMITS])
     table = Table(title="epikern bench: methods on the same responses", title_justify="left")
     for i, h in enumerate(header):
         table.add_column(h, justify="left" if i == 0 else "right", no_wrap=i == 0)

@@ -66,7 +66,7 @@ def test_write_report_round_trip_is_strict_json(tmp_path):
     assert back["machine"]["cores"] >= 1 and back["versions"]["torch"]
     R.validate_report(back)  # what was written validates again
     md = md_path.read_text()
-    assert "| drafts_ddd | 0.100 | 0.500 | 0.400 | 0.700 | 0.690 | 0.300 | 1.5 M | 2.5 | 0.05× |" in md
+    assert "| drafts_ddd | 0.100 | — | 0.500 | 0.400 | 0.700 | — | — | — | 0.690 | 0.300 | 1.5 M | 2.5 | 0.05× |" in md
     assert "| tokur |" in md and "| 30 M | 2.5 | 1× |" in md
     assert "- entropy rmse: not an EU estimate" in md
     assert "![ROC curves](roc.png)" in md
