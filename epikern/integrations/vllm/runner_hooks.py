@@ -5,18 +5,19 @@ and so emits ``m = n + 1`` tokens ``e_0 .. e_n`` (a prefill emits ``m = 1``, a p
 
 * the target's distribution of ``e_j`` is row ``j`` of the request's ``n_draft + 1`` verification
   logits in ``GPUModelRunner._sample`` (request-major, bonus row last; one row without speculation);
-* the drafts' distribution of ``e_j`` for ``j < n`` is the one that proposed it: row ``j`` of the
-  ``[K, γ, V]`` logits the ensemble made for this request in the previous step's ``propose``
-  (kept, one step only, in :attr:`EUState.proposals`);
-* the drafts' distribution of the last token ``e_n`` comes from this step's first draft pass, which
-  re-reads the accepted tokens: its row just before the slot of the new token
-  (``token_indices_to_sample − 1`` of ``set_inputs_first_pass``), whatever ``n`` was — also when
-  every proposal was accepted (the bonus token), which the previous round never reached.
+* the drafts' distribution of ``e_j`` is the one the previous step's draft step ``j`` computed
+  at the same prefix (it proposed ``d_{j+1}``, accepted for ``j < n``, rejected for ``j = n``): row
+  ``j`` of the ``[K, γ, V]`` logits the ensemble made for this request in that ``propose`` (kept,
+  one step only, in :attr:`EUState.proposals`);
+* where that step did not reach — ``j = γ`` after a fully accepted round (the bonus token), or a
+  request's first token — it comes from this step's first draft pass, which re-reads the accepted
+  tokens: its row just before the slot of the new token (``token_indices_to_sample − 1`` of
+  ``set_inputs_first_pass``).
 
 So no draft or target forward is added; the cost is one ``[K, H]×[H, V]`` LM-head row per request
-per step (the first-pass row) and two fused :func:`epikern.draft_uncertainty_rows` calls a step
-(last tokens against the first-pass rows, earlier tokens against the kept proposals), which read
-the target's verification rows and the kept proposals in place through row maps. Memory: the proposals of the last step only
+that took a bonus token or is new, and at most two fused :func:`epikern.draft_uncertainty_rows`
+calls a step, which read the target's verification rows and the kept proposals in place through
+row maps. Memory: the proposals of the last step only
 (``K·γ·V`` floats per live request), replaced every step; the per-token results of a request are
 kept until :func:`epikern.integrations.vllm.uncertainty` collects them.
 
@@ -70,19 +71,24 @@ class EUState:
                 starts = spec.cu_num_sampled_tokens.cpu().long() - torch.tensor(spec.num_draft_tokens) - 1
             device = logits.device
             target_rows = (starts[req] + j).to(device)
-            last = j == counts[req] - 1
-            # the last token of each request: the first pass's row; the others: the kept proposals
-            parts = [(last, model.draft_logits(model.captured[req[last].to(device)]), None)]
-            if not bool(last.all()):
-                earlier = ~last
-                prev = torch.tensor([self.proposal_index[req_ids[r]] for r in req[earlier].tolist()])
-                gamma = self.proposals.shape[2]
-                parts.append((earlier, self.proposals, (prev * gamma + j[earlier]).to(device)))
+            # token j of a request was drawn at the prefix where the previous step's draft step j
+            # proposed (kept rows); only where that step did not reach (j = γ: all accepted; a new
+            # request) does it take the first pass's row, whose K LM-head rows are computed here
+            gamma = 0 if self.proposals is None else self.proposals.shape[2]
+            prev = torch.tensor([self.proposal_index.get(rid, -1) for rid in req_ids])[req]
+            kept = (prev >= 0) & (j < gamma)
+            fresh = ~kept
+            parts = []
+            if bool(fresh.any()):
+                parts.append((fresh, model.draft_logits(model.captured[req[fresh].to(device)]), None))
+            if bool(kept.any()):
+                parts.append((kept, self.proposals, (prev[kept] * gamma + j[kept]).to(device)))
             u = self._score_rows(parts, logits, target_rows, N)
             self._append(req_ids, counts, u)
         model.captured = None
         self.proposals = torch.stack(record, dim=2) if record else None
-        self.proposal_index = {rid: i for i, rid in enumerate(req_ids)}
+        # a request whose sampled token was discarded (partial prefill) proposed from a wrong prefix
+        self.proposal_index = {rid: i for i, rid in enumerate(req_ids) if counts[i] > 0}
 
     def _score_rows(self, parts, logits: Tensor, target_rows: Tensor, N: int) -> DraftUncertainty:
         """One fused :func:`epikern.draft_uncertainty_rows` call per draft source (``(mask over the N
