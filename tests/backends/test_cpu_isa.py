@@ -1,6 +1,7 @@
 """Runtime ISA dispatch of ``epikern._cpu``: the variants in the build, the choice at import and by
 ``EPIKERN_CPU_ISA``, the machine code of each variant, and every variant this CPU runs against the
-float64 reference (draft_uncertainty on the SPEC §8 kinds, forward_kl forward and backward).
+float64 reference (draft_uncertainty on the SPEC §8 kinds and on engine row maps, forward_kl
+forward and backward, the fused decode step against the ATen path).
 The kernel-level tests (test_cpu_kernel.py) also run once per variant."""
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import epikern as ek
 from epikern.backends import cpu, reference
 from tests._cases import (KINDS, assert_close, assert_close_stats, assert_special_rows, make_logits,
                           masked_spread_rows, reference_stats, special_rows)
+from tests._layouts import LAYOUTS, assert_rows_match, dense_expected, make_layout
 
 _cpu = pytest.importorskip("epikern._cpu", reason="epikern._cpu is not built (pip install -e .)")
 
@@ -183,6 +185,17 @@ def test_masked_reference_past_a_big_spread_is_inf(cpu_isa, spread, mass_first, 
     assert torch.isposinf(out.eu).all(), f"{cpu_isa}: eu = {out.eu.tolist()}"
     assert torch.isposinf(out.kl).all(), f"{cpu_isa}: kl = {out.kl.tolist()}"
     assert torch.isfinite(out.jsd).all() and torch.isfinite(out.draft_entropy).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_draft_uncertainty_rows_matches_the_dense_reference(cpu_isa, layout):
+    """The row-map entry (engine layouts, per-row temperatures) of every variant."""
+    lay = make_layout(layout, K=3, V=1037, dtype=torch.bfloat16, seed=LAYOUTS.index(layout))
+    temperature = 0.5 + torch.rand(lay.n, generator=_gen(1))
+    out = ek.draft_uncertainty_rows(lay.draft, lay.target, draft_rows=lay.draft_rows,
+                                    target_rows=lay.target_rows, temperature=temperature, backend="cpu")
+    expected, keep = dense_expected(lay, 1 / temperature, "torch")
+    assert_rows_match(out, expected, keep)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
