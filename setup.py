@@ -22,11 +22,13 @@ Environment variables:
 ``EPIKERN_SANITIZE``
     ``-fsanitize=`` value for the CPU module, e.g. ``address,undefined`` (built in its own
     ``build/cmake-<tag>-sanitize`` directory). The CPU kernel tests under ASan + UBSan, from the
-    checkout (ASan's runtime must be loaded before Python's allocator runs, hence ``LD_PRELOAD``;
+    checkout (ASan's runtime must be loaded before Python's allocator runs, and libstdc++ with it
+    or ASan's ``__cxa_throw`` interceptor aborts on the first C++ exception, hence ``LD_PRELOAD``;
     CPython's own allocations look like leaks, hence ``detect_leaks=0``)::
 
         EPIKERN_SANITIZE=address,undefined EPIKERN_CUDA=0 python setup.py build_ext --inplace
-        LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
+        LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libstdc++.so)" \\
+            ASAN_OPTIONS=detect_leaks=0 \\
             UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$PWD python -m pytest -q -p no:cacheprovider \\
             tests/backends/test_cpu_kernel.py tests/backends/test_cpu_isa.py
         EPIKERN_CUDA=0 python setup.py build_ext --inplace   # back to the regular module

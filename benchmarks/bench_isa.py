@@ -4,8 +4,8 @@ against a ``-march=native`` build of main), interleaved, for a noisy shared mach
 One persistent worker process per build (``PYTHONPATH`` = that checkout, optionally with
 ``EPIKERN_CPU_ISA`` forced) times blocks of calls of the public ops on the same seeded inputs; the
 parent asks the workers for one block each in turn, ``--rounds`` times, so that both see the same
-load. Reported per case: each build's median seconds per call and the median, min and max of the
-per-round ratios against the first build.
+load. Reported per case: each build's median seconds per call and the median, quartiles, min and
+max of the per-round ratios against the first build.
 
     python benchmarks/bench_isa.py --build old=/tmp/isa_base --build new=. \\
         --build new-avx2=.:avx2 --rounds 9
@@ -111,13 +111,15 @@ def main(argv: list[str] | None = None) -> int:
     base = workers[0][0]
     print(f"{args.rounds} interleaved rounds, {args.threads} thread(s), blocks of {args.block_seconds} s; "
           f"ratio = build / {base} per round")
-    print(f"{'case':18s} {'build (ISA)':24s} {'median ms':>10s} {'ratio med':>10s} {'min':>6s} {'max':>6s}")
+    print(f"{'case':18s} {'build (ISA)':24s} {'median ms':>10s} {'ratio med':>10s} {'q1':>6s} {'q3':>6s} "
+          f"{'min':>6s} {'max':>6s}")
     for case in args.cases:
         for name, _, isa in workers:
             t = raw[case][name]
             ratios = [a / b for a, b in zip(t, raw[case][base])]
+            q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3
             print(f"{case:18s} {f'{name} ({isa})':24s} {1e3 * statistics.median(t):10.3f} "
-                  f"{statistics.median(ratios):10.3f} {min(ratios):6.3f} {max(ratios):6.3f}")
+                  f"{statistics.median(ratios):10.3f} {q1:6.3f} {q3:6.3f} {min(ratios):6.3f} {max(ratios):6.3f}")
     if args.json:
         args.json.write_text(json.dumps({"rounds": raw, "isas": {n: i for n, _, i in workers}}, indent=1))
     return 0

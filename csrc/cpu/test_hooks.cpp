@@ -20,6 +20,8 @@ namespace {
 using F32 = py::array_t<float, py::array::c_style | py::array::forcecast>;
 using U16 = py::array_t<uint16_t, py::array::c_style | py::array::forcecast>;
 
+// fn is a lambda, not a pointer to the always_inline routine: gcc cannot inline through a pointer
+// below -O2 (a sanitizer build is -O1).
 template <class In, class Fn>
 F32 map_elementwise(const In& in, Fn fn) {
   F32 out(in.request().shape);
@@ -90,11 +92,11 @@ F32 map_simd(const F32& in, Fn fn) {
 }  // namespace
 
 void bind_test_hooks(py::module_& m) {
-  m.def("_test_exp", [](const F32& x) { return map_elementwise(x, fast_exp); });
+  m.def("_test_exp", [](const F32& x) { return map_elementwise(x, [](float v) { return fast_exp(v); }); });
   m.def("_test_simd_exp2", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::exp2(v); }); });
   m.def("_test_simd_log2", [](const F32& x) { return map_simd(x, [](simd::vf v) { return simd::log2(v); }); });
-  m.def("_test_half_to_float", [](const U16& h) { return map_elementwise(h, half_to_float); });
-  m.def("_test_bf16_to_float", [](const U16& b) { return map_elementwise(b, bf16_to_float); });
+  m.def("_test_half_to_float", [](const U16& h) { return map_elementwise(h, [](uint16_t v) { return half_to_float(v); }); });
+  m.def("_test_bf16_to_float", [](const U16& b) { return map_elementwise(b, [](uint16_t v) { return bf16_to_float(v); }); });
   m.def("_test_softmax_chunks", &softmax_chunks, py::arg("x"), py::arg("y"), py::arg("chunk"),
         py::arg("lse_y"));
   m.def("_test_mixture_terms", &mixture_terms_all, py::arg("l"), py::arg("log_w"), py::arg("y"),
