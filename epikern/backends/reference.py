@@ -96,7 +96,11 @@ def draft_uncertainty(
         qbar = log_qbar.exp()
         mixture_entropy = -_plogq(qbar, log_qbar).sum(-1)
         jsd = _weighted_sum(w, _plogq(q, log_q - log_qbar).sum(-1))
-        kl = _plogq(qbar, log_qbar - log_p).sum(-1) if target_logits is not None else nan
+        if target_logits is not None:  # +inf where p_v = 0 even if q̄_v underflowed (log q̄_v is finite)
+            d = log_qbar - log_p
+            kl = torch.where(d == float("inf"), d, _plogq(qbar, d)).sum(-1)
+        else:
+            kl = nan
     else:
         mixture_entropy = jsd = kl = nan
 

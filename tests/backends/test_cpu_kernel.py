@@ -199,6 +199,16 @@ def test_mixture_terms_match_float64(has_p):
         np.testing.assert_allclose(got[~inf], ref[~inf], rtol=1e-5, atol=1e-6)
 
 
+def test_mixture_kl_is_inf_where_qbar_underflows_against_a_masked_reference():
+    # log q̄ = −120 is a positive probability (e^{−120} underflows in fp32): against y = −inf the
+    # kl term is +inf, as in float64, never the 0 that q̄ = 0 would give
+    l = np.array([[-120.0, 0.0], [-125.0, -1.0]], np.float32)
+    log_w = np.log(np.array([0.5, 0.5], np.float32))
+    y = np.array([-np.inf, 0.0], np.float32)
+    jsd, ent, kl = _cpu._test_mixture_terms(l, log_w, y, 0.0, True)
+    assert kl[0] == np.inf and np.isfinite(kl[1]) and not np.isnan(jsd).any() and not np.isnan(ent).any()
+
+
 # ---- the kernel ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("decompose", [False, True])

@@ -68,9 +68,9 @@ def test_draft_uncertainty_is_inf(backend, spread, dtype, mass_first):
     for field in ("eu", "jsd", "kl", "draft_entropy", "mixture_entropy", "target_entropy"):
         assert not getattr(out, field).isnan().any(), f"{name}: NaN in {field}"
     assert torch.isposinf(out.eu).all(), f"{name}: eu = {out.eu.tolist()}"
-    # q̄ = e^{−95}·… is a (denormal) fp32 number on the host; cpu: kl = +inf wherever eu is
-    if (spread < 100 and mass_first) or name == "cpu":
-        assert torch.isposinf(out.kl.cpu()).all() or device == "cuda", f"{name}: kl = {out.kl.tolist()}"
+    # kl = +inf wherever eu is, even where q̄ underflows in fp32 (the CUDA kernel: not yet checked on a GPU)
+    if device != "cuda":
+        assert torch.isposinf(out.kl).all(), f"{name}: kl = {out.kl.tolist()}"
     assert torch.isfinite(out.jsd).all() and torch.isfinite(out.draft_lse).all()
 
 

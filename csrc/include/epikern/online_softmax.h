@@ -153,7 +153,9 @@ EPIKERN_INLINE MixtureTerms mixture_finish(float r, float S, float J, float lq, 
   MixtureTerms out;
   out.jsd = eM * J;
   out.entropy = prob_times(q, -lq);
-  out.kl = has_p ? prob_times(q, lq - y + lse_p) : 0.f;
+  // q̄ that underflowed against y = −inf is still +inf: log q̄ is finite (design §1.1 rule 6)
+  const float d = lq - y + lse_p;
+  out.kl = has_p ? (d == INFINITY ? d : prob_times(q, d)) : 0.f;
   return out;
 }
 

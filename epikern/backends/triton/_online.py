@@ -118,7 +118,9 @@ def mixture_block(x, y, lse, log_w, lse_p, HAS_TARGET: tl.constexpr):
     qbar = tl.exp(log_qbar)
     ent = tl.where(qbar == 0.0, 0.0, -qbar * log_qbar)
     if HAS_TARGET:
-        kl = tl.where(qbar == 0.0, 0.0, qbar * (log_qbar - y + lse_p))
+        # a q̄ that underflowed against y = −inf is still +inf (log q̄ is finite; design §1.1 rule 6)
+        d = log_qbar - y + lse_p
+        kl = tl.where(d == float("inf"), d, tl.where(qbar == 0.0, 0.0, qbar * d))
     else:
         kl = tl.zeros_like(ent)
     return jsd, ent, kl
