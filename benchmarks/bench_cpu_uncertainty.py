@@ -1,4 +1,4 @@
-"""CPU kernel benchmark (SPEC §7): ``epikern bench kernels`` runs the same code; see
+"""CPU kernel benchmark (design §7): ``epikern bench kernels`` runs the same code; see
 :mod:`epikern.eval.kernel_bench` (kernel vs the full and the lean composites, eager and
 compiled; cycles per logit and the transcendental floor).
 

@@ -1,4 +1,4 @@
-"""DraftEnsemble decode step vs looping over K separate HF models (SPEC §4, §7 "shared-trunk drafts").
+"""DraftEnsemble decode step vs looping over K separate HF models (design §4, §7 "shared-trunk drafts").
 
 For K drafts of L layers with S shared, one decode step should cost about ``trunk + K·branch``,
 and the cache should hold ``S + K·(L−S)`` layers of KV. This script measures, at a fixed context of

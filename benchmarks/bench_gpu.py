@@ -1,4 +1,4 @@
-"""GPU benchmarks of ``draft_uncertainty`` (SPEC §7), run by ``benchmarks/gpu_check.sh``.
+"""GPU benchmarks of ``draft_uncertainty`` (design §7), run by ``benchmarks/gpu_check.sh``.
 
 For the prefill shape (K=4, N=4096, V=128256, bf16) and decode shapes (N ∈ {1, 8, 64}) it times
 every available GPU backend (``cuda`` when ``epikern._cuda`` imports, ``triton``) through its
@@ -256,7 +256,7 @@ def markdown(rows: list[Row]) -> str:
 
 
 def targets(rows: list[Row], launch_ms: float, kernel_names: list[str]) -> list[str]:
-    """SPEC §7 verdicts for the kernels that ran."""
+    """design §7 verdicts for the kernels that ran."""
     lines = []
     for r in rows:
         base = r.impl.split(" ")[0]
@@ -280,7 +280,7 @@ def targets(rows: list[Row], launch_ms: float, kernel_names: list[str]) -> list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="GPU draft_uncertainty benchmarks (SPEC §7)")
+    parser = argparse.ArgumentParser(description="GPU draft_uncertainty benchmarks (design §7)")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (tests the script)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")

@@ -1,4 +1,4 @@
-"""Speculative decoding with EU against plain target decoding (SPEC §4b, §7); the code and its
+"""Speculative decoding with EU against plain target decoding (design §4b, §7); the code and its
 options live in :mod:`epikern.eval.speculative_bench`.
 
     python benchmarks/bench_speculative.py [--target tiny|smollm2|DIR] [--drafts DIR|self]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check (SPEC §7): one run on one lent GPU, ≤ 8 minutes, no downloads, a verdict at the end.
+# The GPU check (design §7): one run on one lent GPU, ≤ 8 minutes, no downloads, a verdict at the end.
 #
 #   bash benchmarks/gpu_check.sh            # on the GPU machine
 #   bash benchmarks/gpu_check.sh --dry-run  # on any machine: the script's logic, GPU steps stubbed

@@ -3,7 +3,7 @@
 Reads the steps the script recorded (``step<TAB>ok|FAIL|skipped<TAB>detail`` lines), the GPU
 tests' junit XML and ``bench_gpu.py``'s JSON, and prints: each step with its result; the tests
 (passed / failed / skipped, and the failed ones by name); per benchmarked kernel its fraction of
-copy bandwidth and its ratios against torch.compile and Liger; the SPEC §7 target lines. Exits 1
+copy bandwidth and its ratios against torch.compile and Liger; the design §7 target lines. Exits 1
 naming every failed step (a missing junit or bench file counts as a failure of its step), else 0.
 """
 
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
         lines += bench_rows(bench)
         targets = bench.get("targets", [])
         if targets:
-            lines += ["", "SPEC §7 targets:"] + [f"- {t}" for t in targets]
+            lines += ["", "design §7 targets:"] + [f"- {t}" for t in targets]
         lines += [""] + [f"    {line}" for line in bench.get("forward_kl", [])]
 
     lines.append("")

@@ -1,6 +1,6 @@
-"""Shared inputs and comparisons for the SPEC §8 test matrix (every backend uses these).
+"""Shared inputs and comparisons for the design §8 test matrix (every backend uses these).
 
-``make_logits`` draws fresh random logits of one of the SPEC §8 kinds; ``reference_stats`` runs the
+``make_logits`` draws fresh random logits of one of the design §8 kinds; ``reference_stats`` runs the
 float64 oracle on exactly the values a kernel sees (low-precision inputs are upcast, never
 re-drawn); ``assert_close_stats`` compares with |out − ref| ≤ atol + rtol·|ref| and requires NaN and
 ±inf in the same places.
@@ -99,7 +99,7 @@ def assert_close_stats(result, ref: dict[str, torch.Tensor], atol: float = ATOL,
 
 
 def special_rows(V: int = 500, seed: int = 11) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drafts ``[2, 4, V]`` and target ``[4, V]`` whose rows hit the edge cases of SPEC §1.
+    """Drafts ``[2, 4, V]`` and target ``[4, V]`` whose rows hit the edge cases of design §1.
 
     Row 0: p rules out a token the drafts give mass (kl = eu = +inf). Row 1: one-hot drafts on a
     token p rules out (+inf, and draft entropy exactly 0). Row 2: one NaN logit (NaN in that row

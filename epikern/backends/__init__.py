@@ -1,4 +1,4 @@
-"""Backend registry and selection (SPEC §2).
+"""Backend registry and selection (design §2).
 
 A backend is a module exposing ``NAME``, ``check_available()`` (raises
 :class:`BackendUnavailableError` saying why not) and, per op it implements, an out-variant entry

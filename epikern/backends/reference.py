@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every epikern op: the oracle for tests and the ``torch`` backend.
 
 Everything is computed in ``dtype`` (float64 for the oracle, float32 for the backend) with the
-numerics of SPEC §1: log-space mixtures, ``0·log 0 = 0``, ``−inf`` logits allowed, ``+inf`` where a
+numerics of design §1: log-space mixtures, ``0·log 0 = 0``, ``−inf`` logits allowed, ``+inf`` where a
 distribution puts mass on a token the reference gives probability zero, NaN confined to its row.
 
 Notation (per row, vocabulary V, temperature T):

@@ -1,4 +1,4 @@
-"""Data for training and evaluation (SPEC §6): GSM8K, the synthetic task, tokenisation, prompts.
+"""Data for training and evaluation (design §6): GSM8K, the synthetic task, tokenisation, prompts.
 
     from epikern.data import load_gsm8k, generate_splits, char_tokenizer, format_prompt, is_correct
 

@@ -5,7 +5,7 @@ stock PyTorch ops, eagerly or under ``torch.compile``:
   log_softmax per draft, the mixture through logsumexp over drafts, entropies and KLs as sums
   over the vocabulary);
 * :func:`lean_composite`: only the outputs a user asks for — ``jsd`` and ``kl`` for the split,
-  ``eu`` without it (SPEC §7 compares the kernel with this one).
+  ``eu`` without it (design §7 compares the kernel with this one).
 
 They compute in float32 and materialise several ``[K, N, V]`` tensors. They assume finite logits
 (``0·log 0`` is not guarded, unlike :mod:`epikern.backends.reference`), so they are the *cheapest*

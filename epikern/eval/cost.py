@@ -1,4 +1,4 @@
-"""Inference cost: analytic and measured FLOPs, and peak memory (SPEC §6); latency is timed by
+"""Inference cost: analytic and measured FLOPs, and peak memory (design §6); latency is timed by
 :mod:`epikern.eval.timing`.
 
 FLOP convention (everywhere in epikern): **one multiply-add = 2 FLOPs**, the convention of

@@ -1,4 +1,4 @@
-"""Token-level uncertainty estimators behind one interface, for the benchmark (SPEC §6).
+"""Token-level uncertainty estimators behind one interface, for the benchmark (design §6).
 
 An :class:`Estimator` scores a batch of whole sequences (teacher forcing): ``score(input_ids,
 attention_mask, start) -> [B, T]`` float32, where position t scores the next-token distribution after

@@ -1,5 +1,5 @@
 """CPU benchmark of ``ek.draft_uncertainty`` (backend ``cpu``) against PyTorch composites, in one run
-on one machine (SPEC §7).
+on one machine (design §7).
 
     epikern bench kernels [--quick] [--json PATH]
     python benchmarks/bench_cpu_uncertainty.py [--quick] [--json PATH]   (the same)
@@ -12,7 +12,7 @@ decompose=False and True. Contestants (:mod:`epikern.eval.composite`), each eage
 * the *full* composite: all six statistics, as the kernel returns them;
 * the *lean* composite: only the outputs asked for, the way a user writes them (jsd + kl with
   the split: log_softmax per draft, logsumexp over drafts for the mixture, two sums; eu without).
-  SPEC §7's CPU target is stated against this one.
+  design §7's CPU target is stated against this one.
 
 Times are medians (:mod:`epikern.eval.timing`: one warm-up call each, then rounds that run the
 kernel 3 times and every composite once, round-robin, so that load from other processes falls on

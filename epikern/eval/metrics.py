@@ -1,4 +1,4 @@
-"""Quality metrics of token-level uncertainty (SPEC §1 "Sequence level", §6 "Evaluation").
+"""Quality metrics of token-level uncertainty (design §1 "Sequence level", §6 "Evaluation").
 
 NumPy in, Python floats out. Conventions:
 

@@ -2,7 +2,7 @@
 
 The draft method's ceiling and a test of its whole scoring path. The K "drafts" are the K
 perturbed members of TokUR's ensemble ``TokUR(target, num_samples=K + 1, seed=s)`` (TokUR's noise,
-SPEC §5, with a seed of their own), the reference is the clean target, and the score is the same
+design §5, with a seed of their own), the reference is the clean target, and the score is the same
 :func:`epikern.draft_uncertainty` call the trained drafts go through:
 
     eu  = (1/K) Σ_k KL(q_k ‖ p)        q_k = member k,  p = the clean target

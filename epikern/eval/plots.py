@@ -1,4 +1,4 @@
-"""PNG plots of the benchmark report (SPEC §6): EU traces, ROC curves, the cost–quality plane,
+"""PNG plots of the benchmark report (design §6): EU traces, ROC curves, the cost–quality plane,
 speculative decoding's speed per γ.
 
 Each function writes one PNG with matplotlib's Agg backend (no display needed) and returns its path.

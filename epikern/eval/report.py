@@ -1,4 +1,4 @@
-"""The benchmark report: ``report.json`` (strict JSON), ``report.md`` and a terminal table (SPEC §6).
+"""The benchmark report: ``report.json`` (strict JSON), ``report.md`` and a terminal table (design §6).
 
 Schema (what :func:`validate_report` checks; more keys are welcome anywhere)::
 

@@ -1,11 +1,11 @@
-"""``epikern bench speculative``: speculative decoding with EU (SPEC §4b, §7), tokens/s against plain
+"""``epikern bench speculative``: speculative decoding with EU (design §4b, §7), tokens/s against plain
 target decoding, in one run — the command and its Markdown output.
 
     epikern bench speculative [--target tiny|smollm2|DIR|FILE.gguf] [--drafts DIR|self] [--gammas 1 2 4 8]
     python benchmarks/bench_speculative.py ...   (the same)
 
 The variants and how they are timed: :mod:`epikern.eval.speculative_measure`; the drafts built from
-the target: :mod:`epikern.eval.speculative_models`; SPEC §7's verdict:
+the target: :mod:`epikern.eval.speculative_models`; design §7's verdict:
 :mod:`epikern.eval.speculative_verdict`. Also reported: acceptance (accepted ÷ proposed), tokens per
 target forward, EU's share of a round (from the medians with and without EU, and from the
 uncertainty calls timed inside the decoding loop), the cost of each step of a round, and whether
@@ -50,11 +50,11 @@ __all__ = ["markdown", "main"]
 
 
 HEADER = ("| variant | γ | tokens/s | vs hf | acceptance | tokens/round | round ms | draft steps | draft FLOPs ÷ target "
-          "| SPEC §7 | same tokens as hf |\n|---|---|---|---|---|---|---|---|---|---|---|")
+          "| design §7 | same tokens as hf |\n|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def markdown(result: SpeculativeResult) -> str:
-    """Markdown: one row per variant; the SPEC §7 counts; EU's share of a round per γ; the step costs."""
+    """Markdown: one row per variant; the design §7 counts; EU's share of a round per γ; the step costs."""
     lines = [HEADER]
     for r in result.rows:
         rounds = r.rounds
@@ -70,7 +70,7 @@ def markdown(result: SpeculativeResult) -> str:
     for accepted in (2, 1):
         inside = [v for v in (spec7_verdict(r, plain, accepted) for r in spec) if v in ("met", "not met")]
         counts.append(f"{len(inside)} rows inside, {inside.count('met')} met, {inside.count('not met')} not met")
-    lines += ["", "SPEC §7 (tokens/s ≥ plain target decoding, the faster of hf and plain, wherever the drafts cost "
+    lines += ["", "design §7 (tokens/s ≥ plain target decoding, the faster of hf and plain, wherever the drafts cost "
               f"less than the target in FLOPs a token and accept ≥ 2 proposals a round): {counts[0]}; read as "
               f"≥ 2 tokens a target forward (the target's own token counted): {counts[1]}."]
     lines += ["", "| γ | EU share of a round (with − without EU) | one EU call in situ ÷ round | round ms (EU on) | EU call ms |",

@@ -1,4 +1,4 @@
-"""SPEC §7's speed target for speculative decoding, applied to measured rows (the policy, apart from
+"""design §7's speed target for speculative decoding, applied to measured rows (the policy, apart from
 the measurement in :mod:`epikern.eval.speculative_measure`)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ __all__ = ["spec7_verdict", "plain_tokens_per_s"]
 
 
 def spec7_verdict(row: "VariantRow", plain_tokens_per_s: float, accepted_per_round: int = 2) -> str:
-    """SPEC §7's speed target for one speculative row: tokens/s ≥ plain target decoding wherever the
+    """design §7's speed target for one speculative row: tokens/s ≥ plain target decoding wherever the
     drafts are cheaper than the target and accept ≥ 2 tokens per round.
 
     "Accept ≥ 2 tokens per round" is read literally: at least ``accepted_per_round`` of the drafts'

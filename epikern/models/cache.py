@@ -1,4 +1,4 @@
-"""The DraftEnsemble KV cache: trunk KV stored once, branch KV once per draft (SPEC §4).
+"""The DraftEnsemble KV cache: trunk KV stored once, branch KV once per draft (design §4).
 
 :class:`DraftCache` is a ``transformers`` (5.x) :class:`~transformers.Cache` with one layer per
 decoder layer of the drafts. Each layer is a :class:`StackedKVLayer` whose keys and values are

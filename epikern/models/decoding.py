@@ -1,6 +1,6 @@
 """The decoding core: the setup every decoder shares and the five steps of a speculative round.
 
-Plain decoding is a round that proposes nothing (γ = 0); speculative decoding (SPEC §4b) is the same
+Plain decoding is a round that proposes nothing (γ = 0); speculative decoding (design §4b) is the same
 loop with γ ≥ 1. One round of :meth:`epikern.DraftEstimator.generate`::
 
     window = state.window(g)                                  # g ≤ γ proposals after n tokens
@@ -293,7 +293,7 @@ class DecodingStats:
     """Work and acceptance of one :meth:`~epikern.DraftEstimator.generate` call.
 
     A round is one target forward; it emits ``accepted[r] + 1`` tokens per row (the batch's common
-    count, SPEC §4b). Plain decoding (γ = 0) has one round per token and proposes nothing.
+    count, design §4b). Plain decoding (γ = 0) has one round per token and proposes nothing.
     """
 
     speculative_tokens: int  #: γ

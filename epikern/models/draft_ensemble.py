@@ -1,4 +1,4 @@
-"""``ek.DraftEnsemble``: K draft LMs with a shared trunk, one KV cache and one batched step (SPEC §4).
+"""``ek.DraftEnsemble``: K draft LMs with a shared trunk, one KV cache and one batched step (design §4).
 
 The K drafts are Llama-family causal LMs of one architecture (``transformers`` 5.x Llama, Mistral,
 Qwen2). The embedding and the first S decoder layers (the *trunk*) are one set of weights; they run

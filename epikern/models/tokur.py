@@ -1,10 +1,10 @@
-"""``ek.TokUR``: token-level uncertainty from TokUR's perturbation ensemble of the target (SPEC §5).
+"""``ek.TokUR``: token-level uncertainty from TokUR's perturbation ensemble of the target (design §5).
 
 M = ``num_samples`` members, **one of them the clean model** and M − 1 perturbed by
 :class:`~epikern.models.perturb.Perturbation` (q/v noise ``σ‖x‖ U_r ε``), all in one batch of M·B
 rows with clean-KV semantics. Per token, through the fused :func:`epikern.ensemble_uncertainty`:
 ``total = H(p̄)``, ``aleatoric = mean_m H(p_m)``, ``epistemic = total − aleatoric`` (the mutual
-information; TokUR's EU). The text is the clean model's. The benchmark's ground-truth EU (SPEC §1)
+information; TokUR's EU). The text is the clean model's. The benchmark's ground-truth EU (design §1)
 is the same estimator with more members: ``tokur.with_samples(32, seed=...)`` shares the SVD bases.
 
 Alignment as :class:`~epikern.models.estimator.DraftEstimator`: position t scores the next-token

@@ -1,4 +1,4 @@
-"""Input validation shared by the public ops: one message per error path of SPEC §3."""
+"""Input validation shared by the public ops: one message per error path of design §3."""
 
 from __future__ import annotations
 

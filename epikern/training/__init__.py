@@ -1,4 +1,4 @@
-"""Training (SPEC §1, §6): the tiny target, DDD/IDD drafts and the OSD proxy, all through one loop.
+"""Training (design §1, §6): the tiny target, DDD/IDD drafts and the OSD proxy, all through one loop.
 
     from epikern.training import build_tiny
     models = build_tiny(quick=True)      # target, DDD and IDD drafts, OSD proxy; cached after the first call

@@ -217,7 +217,7 @@ class ProxyRecipe:
             :class:`DraftsRecipe` (the same data).
         osd_members: perturbed members per step whose mixture is the step's teacher (fresh noise
             every step; the expected gradient is that of distilling to the perturbed average).
-        sigma, rank: TokUR's perturbation (SPEC §5).
+        sigma, rank: TokUR's perturbation (design §5).
         train: the loop.
     """
 

@@ -1,4 +1,4 @@
-"""What the training claims rest on, measured on held-out target responses (SPEC §1).
+"""What the training claims rest on, measured on held-out target responses (design §1).
 
 * :func:`mean_jsd`: how much K drafts disagree, ``mean_t JSD_t = mean_t Σ_k w_k KL(q_k,t ‖ q̄_t)``
   over the response tokens, from :meth:`epikern.DraftEstimator.score` (DDD should beat IDD here).

@@ -1,6 +1,6 @@
 """``epikern train drafts``: DDD (a×b) and IDD drafts distilled from the target with forward KL.
 
-**Data** (SPEC §1). The responses (:mod:`epikern.training.distill_data`) are grouped by prompt and
+**Data** (design §1). The responses (:mod:`epikern.training.distill_data`) are grouped by prompt and
 the P prompts are cut into ``a`` disjoint partitions (:func:`epikern.training.batches.partition_prompts`;
 all R responses of a prompt stay together). Draft ``k = i·b + j`` (partition i, replica j) trains
 on partition i's responses with seed ``seed + k``. **IDD** (``--idd``): every draft trains on the

@@ -107,7 +107,7 @@ class PosteriorSampleTeacher(CleanTeacher):
     and its rows are cached per example like the clean target's.
 
     Args:
-        perturbation: a ``Perturbation`` of the target (TokUR's noise, SPEC §5).
+        perturbation: a ``Perturbation`` of the target (TokUR's noise, design §5).
         noise: ε ``[L, 2, r]`` (:func:`epikern.training.drafts.posterior_sample_noise`).
     """
 
@@ -132,11 +132,11 @@ class PerturbedTeacher:
 
     ``log p(v) = logsumexp_m log softmax(z_m)_v − log m`` over m members of
     :meth:`epikern.models.perturb.Perturbation.member_logits` (``include_clean=False``), so with
-    m = 1 it is the perturbed target itself (SPEC §1). Since the forward-KL gradient is linear in
+    m = 1 it is the perturbed target itself (design §1). Since the forward-KL gradient is linear in
     the teacher's probabilities, the expected step equals distilling to the perturbed average.
 
     Args:
-        perturbation: a ``Perturbation`` of the target (TokUR's noise, SPEC §5).
+        perturbation: a ``Perturbation`` of the target (TokUR's noise, design §5).
         members: m ≥ 1.
         generator: the noise stream (checkpointed by the loop, so a resumed run draws the same noise).
     """

@@ -1,7 +1,7 @@
-"""``epikern train proxy``: Online Stochastic Distillation of the target's perturbed average (SPEC §1).
+"""``epikern train proxy``: Online Stochastic Distillation of the target's perturbed average (design §1).
 
 The proxy ``p_mix`` approximates the Bayesian model average of the perturbed targets (TokUR's noise,
-SPEC §5) that ground-truth EU is measured against. It starts as an exact copy of the target (the
+design §5) that ground-truth EU is measured against. It starts as an exact copy of the target (the
 average of small perturbations is close to the target, so this is where the optimum is nearest;
 every parameter trains, tied embeddings stay tied) and minimises the forward KL
 ``KL(p_teacher ‖ q_proxy)`` on the distillation responses (:mod:`epikern.training.distill_data`),

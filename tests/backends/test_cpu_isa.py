@@ -1,6 +1,6 @@
 """Runtime ISA dispatch of ``epikern._cpu``: the variants in the build, the choice at import and by
 ``EPIKERN_CPU_ISA``, the machine code of each variant, and every variant this CPU runs against the
-float64 reference (draft_uncertainty on the SPEC §8 kinds and on engine row maps, forward_kl
+float64 reference (draft_uncertainty on the design §8 kinds and on engine row maps, forward_kl
 forward and backward, the fused decode step against the ATen path).
 The kernel-level tests (test_cpu_kernel.py) also run once per variant."""
 

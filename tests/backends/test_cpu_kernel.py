@@ -1,6 +1,6 @@
 """Kernel-level tests of ``epikern._cpu``: the shared header math and fast-math routines (through
 the module's ``_test_*`` hooks), the work counters, thread-count determinism, strides and int64
-offsets, and the kernel paths the SPEC §8 matrix does not reach: jumps of the max, the split
+offsets, and the kernel paths the design §8 matrix does not reach: jumps of the max, the split
 vocabulary, and sweep 2 with the exponentials of sweep 1 kept or recomputed (forced with
 ``keep_bytes``) for K ∈ {1, 2, 4, 7, 8, 9, 12}. Every test runs once per ISA variant of the module
 that this CPU supports (baseline, avx2, avx512 on x86-64)."""

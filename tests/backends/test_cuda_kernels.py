@@ -1,8 +1,8 @@
 """GPU tests of the CUDA kernels (``backend="cuda"``), run by benchmarks/gpu_check.sh.
 
-The SPEC §8 matrix runs on each kernel path, forced through ``EPIKERN_CUDA_PATH``: ``split``
+The design §8 matrix runs on each kernel path, forced through ``EPIKERN_CUDA_PATH``: ``split``
 (any GPU; split vocabulary, partial states merged through a workspace) and ``cluster`` (sm_90+;
-a row held in the shared memory of a thread-block cluster), with the SPEC §8 properties
+a row held in the shared memory of a thread-block cluster), with the design §8 properties
 (hypothesis), ``opcheck`` and ``torch.compile(fullgraph=True)`` on CUDA tensors. Then what only a
 GPU shows: the current stream and device are respected, CUDA-graph capture, bitwise determinism,
 grids over 65535 CTAs, row blocks of the split path, and no local memory in any kernel. Every

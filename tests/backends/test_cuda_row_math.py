@@ -4,7 +4,7 @@
 top of ``epikern/online_softmax.h``) in the order the CUDA split kernels use it: base-2 logits,
 rows cut into spans, 8-wide chunks strided over emulated threads with a scalar tail, drafts in
 groups of four, ordered merges, and the two-pass mixture of sweep 2. It is compiled here with the
-system C++ compiler and compared with the float64 reference on the SPEC §8 cases.
+system C++ compiler and compared with the float64 reference on the design §8 cases.
 """
 
 from __future__ import annotations

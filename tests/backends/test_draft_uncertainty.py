@@ -1,4 +1,4 @@
-"""SPEC §8 matrix for ``draft_uncertainty`` / ``ensemble_uncertainty`` on every backend.
+"""design §8 matrix for ``draft_uncertainty`` / ``ensemble_uncertainty`` on every backend.
 
 Each backend runs on the device it serves (cpu/torch on CPU tensors, cuda/triton on CUDA tensors)
 and is compared with the float64 reference computed from the same (upcast) input values. GPU

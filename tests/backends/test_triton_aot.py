@@ -1,4 +1,4 @@
-"""Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90 (SPEC §8).
+"""Ahead-of-time compile of every Triton kernel configuration for sm_80 and sm_90 (design §8).
 
 Needs no GPU: ``triton.compile`` with ``GPUTarget("cuda", 80|90, 32)`` produces PTX, which the
 ``ptxas`` Triton itself picks for that arch (``triton.backends.nvidia.compiler.get_ptxas``: triton

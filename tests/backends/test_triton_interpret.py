@@ -1,4 +1,4 @@
-"""Triton backend against the float64 reference (SPEC §8), each path forced.
+"""Triton backend against the float64 reference (design §8), each path forced.
 
 Without a CUDA GPU the kernels run on Triton's CPU interpreter (``TRITON_INTERPRET=1``, switched on
 by ``tests/conftest.py``) at small sizes, fp32/fp16 only (bf16 is silently wrong in the interpreter); on

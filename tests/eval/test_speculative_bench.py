@@ -77,7 +77,7 @@ def test_measure_reports_every_variant(target):
     one = out.row(Variant("spec", 2, single_draft=True))
     assert 0 < one.draft_flops_vs_target < spec.draft_flops_vs_target == adaptive.draft_flops_vs_target
     assert all((r.spec7 is not None) == (r.variant.kind == "spec") for r in out.rows)
-    assert "SPEC §7" in table and "rows inside" in table and "a target forward" in table
+    assert "design §7" in table and "rows inside" in table and "a target forward" in table
 
 
 def test_variant_names_and_checks():

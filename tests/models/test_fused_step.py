@@ -61,7 +61,7 @@ def test_fused_step_equals_the_pytorch_path(arch, num_drafts, shared, left_pad, 
 
 
 def test_fused_step_runs_in_decoding_and_matches_hf_models():
-    """The SPEC §4 equivalence (K separate HF models, 20 decode steps, padding) on the fused path, and
+    """The design §4 equivalence (K separate HF models, 20 decode steps, padding) on the fused path, and
     proof that it is the path taken: the kernel is called once per decode step."""
     ens, models = _ensemble("llama", 3, 2)
     calls = []

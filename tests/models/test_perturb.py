@@ -1,4 +1,4 @@
-"""Perturbation (TokUR's noise, SPEC §5): bases, noise statistics and indexing, clean-KV semantics
+"""Perturbation (TokUR's noise, design §5): bases, noise statistics and indexing, clean-KV semantics
 against step-by-step HF decoding with the same noise, hooks removed, bad input."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Speculative decoding in DraftEstimator.generate (SPEC §4b): greedy against HF generate and γ = 0,
+"""Speculative decoding in DraftEstimator.generate (design §4b): greedy against HF generate and γ = 0,
 exact sampling (chi-square goodness of fit against the target's own law), acceptance, bad input, and
 the real path on SmolLM2."""
 

@@ -1,4 +1,4 @@
-"""TokUR (SPEC §5): σ = 0, members vs the target, MI against a float64 reference, greedy generate
+"""TokUR (design §5): σ = 0, members vs the target, MI against a float64 reference, greedy generate
 against HF generate, generate against score, one batched forward per step, chunking, the ground
 truth's shared bases, bad input; and the real path on SmolLM2."""
 

@@ -23,7 +23,7 @@ def _inputs(K=3, N=4, V=50, seed=0):
     return torch.randn(K, N, V, generator=g), torch.randn(N, V, generator=g)
 
 
-# --- bad input: one test per error path of SPEC §3 ----------------------------------------------
+# --- bad input: one test per error path of design §3 ----------------------------------------------
 
 @pytest.mark.parametrize("draft_shape,target_shape,match", [
     ((3, 4, 50), (2, 4, 50), r"target_logits must have rank 2"),

@@ -19,7 +19,7 @@
 //     jsd    += Σ_k e^{l_k} (x_k − lse_k − log q̄)       (= Σ_k w_k q_k (log q_k − log q̄))
 //     H(q̄)   += −q̄ log q̄,        KL(q̄ ‖ p) += q̄ (log q̄ − y + lse_p)
 //
-// Conventions (SPEC §1): a term whose probability factor is exactly 0 contributes 0, whatever the
+// Conventions (design §1): a term whose probability factor is exactly 0 contributes 0, whatever the
 // other factor (0·(−inf) = 0, 0·log 0 = 0); a positive probability against y = −inf gives +inf;
 // NaN propagates (the guards test `== 0`, which is false for NaN). While every element seen so
 // far is −inf the origin m stays −inf and exponentials are taken relative to 0 (exp_origin), so

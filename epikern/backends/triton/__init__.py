@@ -1,4 +1,4 @@
-"""Triton backend (SPEC §2, §7): fused ``draft_uncertainty`` kernels for CUDA GPUs.
+"""Triton backend (design §2, §7): fused ``draft_uncertainty`` kernels for CUDA GPUs.
 
 Two paths (:mod:`.config` picks one from K, N, V): a row kernel (:mod:`.row`, many rows) and a
 split-vocabulary path (:mod:`.split`, few rows). On CPU tensors the kernels run only under Triton's

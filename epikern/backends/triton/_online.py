@@ -1,4 +1,4 @@
-"""Triton device functions shared by the row and split kernels (SPEC §1 numerics, fp32).
+"""Triton device functions shared by the row and split kernels (design §1 numerics, fp32).
 
 Online-softmax state of one distribution over the entries seen so far, relative to its running
 maximum ``m`` of ``x = z / T``:

@@ -1,6 +1,6 @@
 """Kernel configuration of the Triton backend: a small pure function of (K, N, V, dtype).
 
-Two paths compute the same numbers (SPEC §1, §7):
+Two paths compute the same numbers (design §1, §7):
 
 * ``row``   — one program per row; sweeps the vocabulary in blocks (many rows: prefill).
 * ``split`` — the vocabulary of each row is spread over ``chunks`` programs that write partial
