@@ -41,6 +41,17 @@ def check_available() -> None:
         )
 
 
+def calibration() -> dict:
+    """What ``epikern bench kernels``' cycle and floor columns are computed from, measured by the
+    compiled module on this machine: the clock (a timed chain of dependent integer adds), the
+    float lanes of the chosen ISA's SIMD code, and the cost per element of its vectorised exp2 and
+    log2 on one core (data in L1)."""
+    check_available()
+    t_exp, t_log = _cpu._transcendental_seconds()
+    return {"clock_hz": _cpu._clock_hz(), "simd_lanes": _cpu._simd_width,
+            "exp_ns": t_exp * 1e9, "log_ns": t_log * 1e9}
+
+
 def isa_summary() -> str:
     """Which instruction-set variant of the kernels runs and why, in one line."""
     check_available()

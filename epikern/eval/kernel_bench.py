@@ -56,16 +56,6 @@ SHAPES = [  # (K, N, V, dtype)
 CONTESTANTS = ("kernel", "eager", "compiled", "lean_eager", "lean_compiled")
 
 
-def calibration() -> dict:
-    """What the cycle and floor columns are computed from, measured on this machine by the compiled
-    CPU module: the clock (a timed chain of dependent integer adds), the float lanes of its SIMD
-    code, and the cost per element of its vectorised exp2 and log2 on one core (data in L1)."""
-    cpu.check_available()
-    t_exp, t_log = cpu._cpu._transcendental_seconds()
-    return {"clock_hz": cpu._cpu._clock_hz(), "simd_lanes": cpu._cpu._simd_width,
-            "exp_ns": t_exp * 1e9, "log_ns": t_log * 1e9}
-
-
 def _one_thread(draft, target, weights, decompose, trials: int = 3) -> tuple[float, cpu.KernelWork]:
     """Best thread CPU time (s) of the raw kernel on the calling thread, and its work counters."""
     K, N, _ = draft.shape
@@ -79,7 +69,7 @@ def _one_thread(draft, target, weights, decompose, trials: int = 3) -> tuple[flo
 
 
 def run(quick: bool = False) -> tuple[dict, list[dict]]:
-    machine = {**machine_info(), **calibration()}
+    machine = {**machine_info(), **cpu.calibration()}
     threads = machine["torch_threads"]
     rows = []
     gen = torch.Generator().manual_seed(0)

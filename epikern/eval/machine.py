@@ -3,7 +3,7 @@
 :func:`machine_info` and :func:`versions` are the records ``report.json`` (``epikern bench``), the
 ``--json`` files of ``epikern bench kernels|speculative`` and the benchmark scripts share. The
 kernel benchmark adds its own calibration (clock, exp/log cost) on top
-(:func:`epikern.eval.kernel_bench.calibration`).
+(:func:`epikern.backends.cpu.calibration`).
 """
 
 from __future__ import annotations

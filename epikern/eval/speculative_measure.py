@@ -347,7 +347,7 @@ def eu_calls_s(est: DraftEstimator, prompts: Sequence[torch.Tensor], generate_kw
     call finds its code and data evicted by the target's forward and costs ~3× what a loop of calls
     on one input measures on a CPU.
     """
-    times, make = [], est._scorer
+    times, make = [], est.scorer
 
     def timed(device):
         scorer = make(device)
@@ -358,10 +358,10 @@ def eu_calls_s(est: DraftEstimator, prompts: Sequence[torch.Tensor], generate_kw
             return u
         return call
 
-    est._scorer = timed
+    est.scorer = timed
     try:
         for p in prompts:
             est.generate(p, **generate_kwargs)
     finally:
-        del est._scorer  # back to the class's method
+        del est.scorer  # back to the class's method
     return times

@@ -88,7 +88,7 @@ class DraftEstimator:
         chunked = step < T
         ref_cache = DynamicCache(config=self._reference.config) if chunked else None
         draft_cache = self.drafts.new_cache(B) if chunked else None
-        uncertainty = self._scorer(input_ids.device)
+        uncertainty = self.scorer(input_ids.device)
         parts = []
         for start in range(0, T, step):
             ids, pos = input_ids[:, start:start + step], positions[:, start:start + step]
@@ -140,7 +140,7 @@ class DraftEstimator:
         sampler = Sampler(do_sample, temperature, generator)
         proposer = self._proposer(speculative_tokens, proposal, confidence_threshold, sampler, input_ids.device)
         decoder = DraftDecoder(self.target, self.drafts, self.reference if with_uncertainty else None, proposer,
-                               self._scorer(input_ids.device) if with_uncertainty else None, batch.has_padding)
+                               self.scorer(input_ids.device) if with_uncertainty else None, batch.has_padding)
         state, transcript = decoder.start(batch), Transcript()
         while state.emitted < max_new_tokens:
             window = state.window(min(speculative_tokens, max_new_tokens - state.emitted - 1))
@@ -167,9 +167,10 @@ class DraftEstimator:
         vocab = min(self.drafts.vocab_size, model_vocab_size(self.target))
         return Proposer(speculative_tokens, draft, weights, vocab, sampler, confidence_threshold)
 
-    def _scorer(self, device: torch.device) -> DraftUncertaintyScorer:
+    def scorer(self, device: torch.device) -> DraftUncertaintyScorer:
         """The estimator's :func:`epikern.draft_uncertainty` settings, checked once per call of
-        :meth:`score` or :meth:`generate` (on the vocabulary the drafts and the reference share)."""
+        :meth:`score` or :meth:`generate` (on the vocabulary the drafts and the reference share);
+        a benchmark may wrap it on an instance to time every EU call in situ."""
         vocab = (self.drafts.vocab_size, model_vocab_size(self._reference))
         return DraftUncertaintyScorer(
             self.drafts.num_drafts, device, weights=self.weights, temperature=self.eu_temperature,
