@@ -289,7 +289,7 @@ class DraftEnsemble(nn.Module):
                 position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         if fusable(self, input_ids, cache, past):
             check_mask_shape(attention_mask, B, past + T, T)
-            return fused_forward(self, input_ids, attention_mask, cache, past, position_ids, logits_to_keep)
+            return fused_forward(self, input_ids, attention_mask, cache, position_ids, logits_to_keep)
         mask, is_causal = causal_mask(attention_mask, B, T, past, self.sliding_window, input_ids.device)
         h = self.embed_tokens(input_ids).unsqueeze(0)
         cos, sin = rotary_tables(*self._rotary(h[0], position_ids, past + T))

@@ -79,15 +79,16 @@ def _dims(ens) -> Optional[tuple]:
             config.intermediate_size, config.vocab_size, float(config.rms_norm_eps), float(layer.scaling))
 
 
-def fused_forward(ens, input_ids: Tensor, attention_mask: Optional[Tensor], cache, past: int, position_ids: Tensor,
+def fused_forward(ens, input_ids: Tensor, attention_mask: Optional[Tensor], cache, position_ids: Tensor,
                   logits_to_keep: int) -> Tensor:
     """:meth:`DraftEnsemble.forward` for a step :func:`fusable` accepted: ``[K, B, T', V]`` float32.
 
-    ``attention_mask [B, past + T]`` or None (no padding), ``position_ids [B, T]``; the cache grows
-    by T positions (and is cropped back if the kernel raises, e.g. on a token id outside the
-    vocabulary or a position beyond the rotary table).
+    ``attention_mask [B, past + T]`` or None (no padding), ``position_ids [B, T]``, past = the
+    cache's length; the cache grows by T positions (and is cropped back if the kernel raises, e.g.
+    on a token id outside the vocabulary or a position beyond the rotary table).
     """
     B, T = input_ids.shape
+    past = cache.get_seq_length()
     K, V = ens._fused_dims[0], ens._fused_dims[6]
     keep = T if logits_to_keep <= 0 else min(logits_to_keep, T)
     cos, sin = ens._rotary_table_for(torch.float32, input_ids.device, past + T)
