@@ -1,5 +1,5 @@
-"""PNG plots of ``epikern bench sweep`` (matplotlib, Agg): quality against cost with the Pareto front,
-and the jsd/kl split of every point.
+"""PNG plots of ``epikern bench sweep`` (matplotlib, Agg): quality against cost with the Pareto front
+and the oracle drafts' curve over K, and the jsd/kl split of every point.
 
     plot_sweep(out, sweep) -> {"title": "relative/path.png", ...}
 """
@@ -12,7 +12,7 @@ require("eval", __name__)
 
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 import matplotlib
 
@@ -42,7 +42,8 @@ def pareto_front(cost: Sequence[float], quality: Sequence[float], higher_is_bett
     return sorted(front, key=lambda i: (c[i], -q[i]))
 
 
-def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: str) -> str:
+def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: str,
+                  oracle_by_k: Optional[Mapping] = None) -> str:
     label, higher = QUALITY[metric]
     cost = [r.get("flops_vs_tokur", np.nan) for r in rows]
     values = [np.nan if r.get(metric) is None else r[metric] for r in rows]
@@ -55,14 +56,18 @@ def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: 
                        alpha=0.85, zorder=3)
     ax.plot([cost[i] for i in front], [values[i] for i in front], color="tab:red", linewidth=1.2, zorder=2,
             label="Pareto front")
-    for i, r in enumerate(rows):
-        on = i in front
-        ax.annotate(r["name"], (cost[i], values[i]), xytext=(5, 4), textcoords="offset points",
-                    fontsize=7.5 if on else 6, color="tab:red" if on else "0.45")
     for name, (text, color, style) in REFERENCE_STYLE.items():
         value = references.get(name, {}).get(metric)
         if value is not None and np.isfinite(value):
             ax.axhline(value, color=color, linestyle=style, linewidth=1.1, label=f"{text}: {value:.3g}")
+    oracle_by_k = oracle_by_k or {}
+    ks = [k for k, o in oracle_by_k.items() if o.get(metric) is not None and np.isfinite(o[metric])]
+    if ks:  # the ceiling of K drafts: K posterior samples of the ground truth's own family
+        ax.plot([oracle_by_k[k]["flops_vs_tokur"] for k in ks], [oracle_by_k[k][metric] for k in ks],
+                color="tab:purple", marker="x", linewidth=1, label=f"oracle drafts, K = {ks[0]}…{ks[-1]}")
+        for k in ks:
+            ax.annotate(f"K={k}", (oracle_by_k[k]["flops_vs_tokur"], oracle_by_k[k][metric]), xytext=(3, -9),
+                        textcoords="offset points", fontsize=6.5, color="tab:purple")
     ceiling = references.get("ground_truth", {}).get("split_half_pearson")
     if metric == "pearson" and ceiling is not None:
         ax.axhline(ceiling, color="0.3", linestyle="-", linewidth=0.8,
@@ -76,9 +81,32 @@ def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: 
     ax.set_title(f"Sweep: {metric} against cost ({'higher' if higher else 'lower'} is better)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    _name_points(ax, cost, values, [r["name"] for r in rows], front)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return os.fspath(path)
+
+
+def _name_points(ax, cost: Sequence[float], values: Sequence[float], names: Sequence[str], front: Sequence[int]):
+    """Label every point; the labels of points at one cost (many recipes share an architecture) are
+    stacked 9 px apart, top to bottom in the points' order, with a leader line when moved."""
+    ax.figure.canvas.draw()  # fixes the limits: data → pixels is final from here
+    points_per_px = 72 / ax.figure.dpi
+    columns: dict[float, list[int]] = {}
+    for i, (c, v) in enumerate(zip(cost, values)):
+        if np.isfinite(c) and np.isfinite(v):
+            columns.setdefault(round(float(np.log10(c)), 2), []).append(i)
+    for column in columns.values():
+        below = np.inf  # pixel y grows upwards: each label goes at most at the previous one minus 9 px
+        for i in sorted(column, key=lambda i: -values[i]):
+            py = ax.transData.transform((cost[i], values[i]))[1]
+            y = min(py + 3, below - 9)
+            below = y
+            on = i in front
+            ax.annotate(names[i], (cost[i], values[i]), xytext=(9, (y - py) * points_per_px),
+                        textcoords="offset points", va="center", fontsize=7.5 if on else 6,
+                        color="tab:red" if on else "0.35",
+                        arrowprops=dict(arrowstyle="-", color="0.7", linewidth=0.5) if py - y > 6 else None)
 
 
 def _split_plot(path: Path, rows: list[Mapping], truth_mean: float) -> str:
@@ -115,8 +143,8 @@ def plot_sweep(out, sweep: Mapping) -> dict[str, str]:
     plotted = {}
     if rows:
         for metric in QUALITY:
-            plotted[f"Sweep: {metric} against FLOPs ÷ TokUR"] = _quality_plot(out / f"sweep_{metric}.png", rows,
-                                                                             references, metric)
+            plotted[f"Sweep: {metric} against FLOPs ÷ TokUR"] = _quality_plot(
+                out / f"sweep_{metric}.png", rows, references, metric, sweep.get("oracle_by_k", {}))
         truth_mean = references.get("ground_truth", {}).get("mean", np.nan)
         plotted["Sweep: jsd/kl split per point"] = _split_plot(out / "sweep_split.png", rows, truth_mean)
     return {title: os.path.relpath(path, out) for title, path in plotted.items()}
