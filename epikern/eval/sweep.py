@@ -17,7 +17,9 @@ graded), against the ground truth (TokUR's perturbation ensemble, M = 32, its ow
 Per point: RMSE, Pearson, Spearman, AUROC (cross-validated logistic regression, and TokUR's
 protocol), PRR, FLOPs per token ÷ TokUR's, the draft step's FLOPs ÷ the target step's (what
 speculative decoding pays), and the token means of jsd and kl. The references (TokUR M = 10, the
-target's entropy, the oracle drafts with K = 4) are scored once per σ.
+target's entropy, the oracle drafts with K = 4) are scored once per σ, and the oracle drafts
+again for K ∈ {1, 2, 4, 6, 9, 16} at σ = 0.1 (``oracle_by_k``): what K perturbed members of the
+ground truth's own family reach — the ceiling of any K drafts, whatever their training.
 
 **Caching.** Drafts go to ``<tiny build>/sweep/drafts-<key>`` with ``key`` a hash of the whole
 recipe (the pipeline's own DDD and IDD drafts are re-used where the recipe is theirs), and the
@@ -94,6 +96,11 @@ def grid(num_layers: int, quick: bool = False) -> list[SweepPoint]:
                P("PSD 1x4, 800 steps", "variants",
                  {"partitions": 1, "drafts_per_partition": 4, "idd": True, "psd": True, "steps": 800}),
                P("more responses (R=8) 2x2", "variants", {"more_responses": 4, **long})]
+    # a wider teacher than the ground truth: the drafts' spread above their capacity noise (scored at σ = 0.1)
+    for teacher in (0.2, 0.3, 0.4):
+        points += [P(f"PSD 1x4, teacher sigma {teacher}", "variants",
+                     {"partitions": 1, "drafts_per_partition": 4, "idd": True, "psd": True, "sigma": teacher, **long}),
+                   P(f"PSD 2x2, teacher sigma {teacher}", "variants", {"psd": True, "sigma": teacher, **long})]
     for sigma in (0.05, 0.2):
         points += [P(f"400 steps, sigma {sigma}", "sigma", long, sigma),
                    P(f"PSD 1x4, sigma {sigma}", "sigma",
@@ -113,6 +120,7 @@ class SweepConfig:
     tokur_samples: int = 10
     ground_truth_samples: int = 32
     oracle_drafts: int = 4
+    oracle_k: tuple[int, ...] = (1, 2, 4, 6, 9, 16)  #: K of the oracle-by-K curve (σ = 0.1)
     rank: int = 8
     batch_size: int = 50
     seed: int = 0
@@ -133,7 +141,7 @@ def drafts_recipe(point: SweepPoint, base):
     if steps is not None:
         changes["train"] = dataclasses.replace(base.train, steps=steps, warmup_steps=min(base.train.warmup_steps, steps))
     if changes.get("psd"):
-        changes["sigma"] = point.sigma
+        changes.setdefault("sigma", point.sigma)  # the teacher's σ: the ground truth's unless the point sets it
     return dataclasses.replace(base, **changes)
 
 
@@ -194,22 +202,28 @@ def score(fn: Callable, data: EvalSet, fields: Sequence[str] = ()) -> dict[str, 
 
 
 def quality(scores: list[np.ndarray], truth: list[np.ndarray], wrong: np.ndarray, is_eu: bool,
-            terms: Optional[Sequence[list[np.ndarray]]] = None) -> dict:
+            terms: Optional[Sequence[list[np.ndarray]]] = None,
+            entropy: Optional[list[np.ndarray]] = None) -> dict:
     """Against ``truth``: RMSE and the calibrated RMSE of ``terms`` (default: the score itself; EU
     estimates only), Pearson, Spearman. Detecting wrong answers: AUROC of the cross-validated
-    logistic regression, of the mean, max and sum alone, and of TokUR's protocol; PRR."""
+    logistic regression, of the mean, max and sum alone, and of TokUR's protocol; PRR; and, given
+    the target's ``entropy`` token scores, ``auroc_lr_with_entropy``: the regression on both scores'
+    features — what the score adds to what the target's own entropy (free beside it) knows."""
     from . import metrics
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # NaN where undefined (e.g. a constant score's correlation)
         token = metrics.token_metrics(scores, truth)
-        cv = metrics.auroc_lr(metrics.aggregate(scores)[0], wrong)
+        X = metrics.aggregate(scores)[0]
+        cv = metrics.auroc_lr(X, wrong)
+        both = None if entropy is None else metrics.auroc_lr(np.hstack([X, metrics.aggregate(entropy)[0]]), wrong).auroc
         return {"rmse": token["rmse"] if is_eu else None,
                 "rmse_calibrated": metrics.calibrated_rmse(terms or [scores], truth) if is_eu else None,
                 "pearson": token["pearson"], "spearman": token["spearman"], "auroc_lr": cv.auroc,
                 **{f"auroc_{k}": v for k, v in metrics.auroc_aggregates(scores, wrong).items()},
                 "auroc_tokur": metrics.auroc_tokur(scores, wrong),
-                "prr": metrics.prr(cv.scores, wrong) if np.isfinite(cv.scores).all() else None}
+                "prr": metrics.prr(cv.scores, wrong) if np.isfinite(cv.scores).all() else None,
+                "auroc_lr_with_entropy": both}
 
 
 def cached_scores(path: Path, compute: Callable[[], dict[str, list[np.ndarray]]]
@@ -314,7 +328,8 @@ class Sweep:
         truth, c = scores["ground_truth"], self.data.context
         tokur_flops = methods["tokur"].flops_per_token(c)
         out = {name: {**quality(scores[name], truth, self.data.wrong, methods[name].is_eu,
-                                [terms["jsd"], terms["kl"]] if name == "oracle_drafts" else None),
+                                [terms["jsd"], terms["kl"]] if name == "oracle_drafts" else None,
+                                None if name == "entropy" else scores["entropy"]),
                       "flops_per_token": methods[name].flops_per_token(c),
                       "flops_vs_tokur": methods[name].flops_per_token(c) / tokur_flops,
                       "description": methods[name].description}
@@ -330,6 +345,28 @@ class Sweep:
                                "split_half_spearman": metrics.spearman(half, truth),
                                "mean": float(np.mean(np.concatenate(truth))),
                                "flops_vs_tokur": methods["ground_truth"].flops_per_token(c) / tokur_flops}
+        return out
+
+    def oracle_by_k(self, sigma: float) -> dict:
+        """The oracle drafts' metrics for each K of ``cfg.oracle_k`` (its eu, and its jsd alone), K
+        members of a seed of their own: how far K posterior samples can track the ground truth."""
+        from . import metrics
+        from .oracle import oracle_method
+
+        refs, c = self.reference_scores(sigma)[1], self.data.context
+        tokur_flops = self._methods(sigma)["tokur"].flops_per_token(c)
+        out = {}
+        for k in self.cfg.oracle_k:
+            method = oracle_method(f"oracle K={k}", self._members(sigma, k + 1, self.cfg.seed + 2))
+            terms = self._scores(f"oracle K={k} sigma {sigma}", {"oracle_k": k, "sigma": sigma},
+                                 lambda: score(method.terms, self.data, ("eu", "jsd", "kl")))
+            # one member has no variance term: its jsd is 0 up to round-off, whose correlation means nothing
+            jsd = metrics.token_metrics(terms["jsd"], refs["ground_truth"]) if k > 1 else dict.fromkeys(
+                ("rmse", "pearson", "spearman"))
+            out[str(k)] = {**quality(terms["eu"], refs["ground_truth"], self.data.wrong, True,
+                                     [terms["jsd"], terms["kl"]], refs["entropy"]),
+                           "jsd_rmse": jsd["rmse"], "jsd_pearson": jsd["pearson"], "jsd_spearman": jsd["spearman"],
+                           "num_drafts": k, "flops_vs_tokur": method.flops_per_token(c) / tokur_flops}
         return out
 
     # -- points -----------------------------------------------------------------------------
@@ -365,7 +402,8 @@ class Sweep:
         c = self.data.context
         flops = method.flops_per_token(c)
         summary = json.loads((path / "drafts.json").read_text())
-        return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True, [scores["jsd"], scores["kl"]]),
+        return {**quality(scores["eu"], refs["ground_truth"], self.data.wrong, True, [scores["jsd"], scores["kl"]],
+                          refs["entropy"]),
                 **{f"jsd_{k}": v for k, v in metrics.token_metrics(scores["jsd"], refs["ground_truth"]).items()
                    if k in ("rmse", "pearson", "spearman")},  # jsd alone: PSD's estimate of the MI
                 "jsd_mean": float(np.nanmean(np.concatenate(scores["jsd"]))),
@@ -418,6 +456,7 @@ def run(cfg: SweepConfig) -> dict:
                          "seconds": time.perf_counter() - start})
         sigmas = sorted({p.sigma for p in points} | {0.1})
         references = {str(s): sweep.references(s) for s in sigmas}
+        oracle_by_k = sweep.oracle_by_k(0.1)
     finally:
         torch.set_num_threads(threads)
     result = to_json_compatible({
@@ -427,7 +466,8 @@ def run(cfg: SweepConfig) -> dict:
         "target": {"root": str(sweep.built.root), "layers": sweep.target.config.num_hidden_layers,
                    "heldout_accuracy": float(1 - sweep.data.wrong.mean())},
         "evaluation": {**sweep.settings, "mean_decode_context": sweep.data.context},
-        "references": references, "points": rows, "trained": sweep.trained, "scored": sweep.scored,
+        "references": references, "oracle_by_k": oracle_by_k, "points": rows,
+        "trained": sweep.trained, "scored": sweep.scored,
         "wall_s": time.perf_counter() - t0})
     result["plots"] = plot_sweep(out, result)
     write_atomic(out / "sweep.json", json.dumps(result, indent=1, sort_keys=True))

@@ -14,7 +14,7 @@ __all__ = ["format_sweep"]
 COLUMNS = {"rmse": ("RMSE", ".3g"), "rmse_calibrated": ("RMSE cal.", ".3g"), "pearson": ("Pearson", ".3f"),
            "spearman": ("Spearman", ".3f"), "auroc_lr": ("AUROC LR", ".3f"), "auroc_mean": ("AUROC mean", ".3f"),
            "auroc_max": ("AUROC max", ".3f"), "auroc_sum": ("AUROC sum", ".3f"), "auroc_tokur": ("AUROC TokUR", ".3f"),
-           "prr": ("PRR", ".3f"),
+           "prr": ("PRR", ".3f"), "auroc_lr_with_entropy": ("AUROC LR with entropy", ".3f"),
            "flops_vs_tokur": ("FLOPs ÷ TokUR", ".3f"), "draft_step_vs_target_step": ("draft ÷ target step", ".2f"),
            "jsd_pearson": ("Pearson of jsd alone", ".3f"), "jsd_mean": ("jsd mean", ".3g"),
            "kl_mean": ("kl mean", ".3g")}
@@ -40,7 +40,7 @@ def format_sweep(sweep: Mapping) -> str:
              f"M = {e['ground_truth_samples']}; {sweep['wall_s']:.0f} s on {cpu} "
              f"(trained {len(sweep['trained'])} point(s), scored {len(sweep['scored'])}).\n"]
     ref_cols = ["rmse", "rmse_calibrated", "pearson", "spearman", "auroc_lr", "auroc_mean", "auroc_max", "auroc_sum",
-                "auroc_tokur", "prr", "flops_vs_tokur"]
+                "auroc_tokur", "prr", "auroc_lr_with_entropy", "flops_vs_tokur"]
     rows = []
     for sigma, refs in sweep["references"].items():
         for name in ("tokur", "entropy", "length", "oracle_drafts", "oracle_jsd"):
@@ -50,6 +50,11 @@ def format_sweep(sweep: Mapping) -> str:
                  "flops_vs_tokur": _cell(gt["flops_vs_tokur"], ".3f")}
         rows.append([f"ground truth split-half (σ={sigma})"] + [cells.get(c, "–") for c in ref_cols])
     parts.append("## References\n\n" + _table(["method"] + [COLUMNS[c][0] for c in ref_cols], rows))
+    if sweep.get("oracle_by_k"):
+        k_cols = ["rmse", "rmse_calibrated", "pearson", "jsd_pearson", "spearman", "auroc_lr", "prr", "flops_vs_tokur"]
+        rows = [[k] + [_cell(o.get(c), COLUMNS[c][1]) for c in k_cols] for k, o in sweep["oracle_by_k"].items()]
+        parts.append("## Oracle drafts against K (σ = 0.1): the ceiling of K drafts\n\n"
+                     + _table(["K"] + [COLUMNS[c][0] for c in k_cols], rows))
     cols = list(COLUMNS)
     rows = [[p["name"], p["group"], f"{p['sigma']:g}"] + [_cell(p.get(c), COLUMNS[c][1]) for c in cols]
             for p in sweep["points"] if "rmse" in p]

@@ -27,7 +27,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def first(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     cfg = sweep.SweepConfig(out=str(root / "out"), quick=True, problems=16, models_dir=str(root / "models"),
-                            ground_truth_samples=6, tokur_samples=3, oracle_drafts=2, batch_size=8, pipeline=PIPELINE)
+                            ground_truth_samples=6, tokur_samples=3, oracle_drafts=2, oracle_k=(1, 2), batch_size=8,
+                            pipeline=PIPELINE)
     with one_thread():
         return cfg, sweep.run(cfg)
 
@@ -51,7 +52,13 @@ def test_every_point_is_scored_and_written(first):
     assert refs["tokur"]["flops_vs_tokur"] == 1 and refs["entropy"]["rmse"] is None
     assert refs["oracle_drafts"]["rmse"] >= 0 and -1 <= refs["ground_truth"]["split_half_pearson"] <= 1
     assert saved["references"]["0.2"]["ground_truth"]["mean"] > refs["ground_truth"]["mean"]  # more noise, more EU
-    assert len(saved["trained"]) == 5 and len(saved["scored"]) == 6 + 2 + 2  # 6 draft points; references, oracle terms of 2 σ
+    # 6 draft points; references, oracle terms of 2 σ; the oracle at K = 1, 2
+    assert len(saved["trained"]) == 5 and len(saved["scored"]) == 6 + 2 + 2 + 2
+    by_k = saved["oracle_by_k"]
+    assert list(by_k) == ["1", "2"] and by_k["1"]["jsd_pearson"] is None  # one member: no variance term
+    assert by_k["2"]["rmse"] == refs["oracle_drafts"]["rmse"]  # K = 2, same seed: the references' oracle itself
+    assert by_k["1"]["flops_vs_tokur"] < by_k["2"]["flops_vs_tokur"] < 1
+    assert "## Oracle drafts against K" in (sweep.Path(cfg.out) / "sweep.md").read_text()
     md = (sweep.Path(cfg.out) / "sweep.md").read_text()
     assert "| PSD 1x4 | variants |" in md and "split-half" in md
     for title, path in saved["plots"].items():
