@@ -35,13 +35,14 @@ def drafts(quick: bool = False) -> DraftsRecipe:
 
 def embedded_drafts(quick: bool = False) -> DraftsRecipe:
     """The drafts of ``epikern bench``'s embedded pipeline: :func:`drafts` (the paper's recipe, which
-    ``epikern train drafts`` keeps) with posterior-sample distillation for 200 steps instead of 80,
-    the best point at ≤ 30 % of TokUR's FLOPs per token that ``epikern bench sweep`` measured
-    (token Pearson with the ground truth 0.28 against 0.17; benchmarks/RESULTS.md § Sweep).
-    ``--quick`` keeps its 40 steps."""
+    ``epikern train drafts`` keeps) with posterior-sample distillation from a teacher at σ = 0.2 (twice
+    the ground truth's σ: the drafts' spread must stand above their capacity noise; 0.3 and 0.4
+    overshoot) for 400 steps instead of 80: the best point at ≤ 30 % of TokUR's FLOPs per token and
+    the paper's draft cost that ``epikern bench sweep`` measured (token Pearson with the ground truth
+    0.40 against 0.17; benchmarks/RESULTS.md § Sweep). ``--quick`` keeps its 40 steps."""
     base = drafts(quick)
-    steps = base.train.steps if quick else 200
-    return dataclasses.replace(base, psd=True, train=dataclasses.replace(base.train, steps=steps))
+    steps = base.train.steps if quick else 400
+    return dataclasses.replace(base, psd=True, sigma=0.2, train=dataclasses.replace(base.train, steps=steps))
 
 
 def proxy(quick: bool = False) -> ProxyRecipe:

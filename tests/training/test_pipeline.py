@@ -89,9 +89,10 @@ def test_a_build_whose_drafts_changed_copies_the_finished_target(tmp_path, monke
     assert not list(tmp_path.glob("*/*.copying"))
 
 
-def test_the_embedded_drafts_are_the_papers_recipe_with_psd_at_200_steps():
+def test_the_embedded_drafts_are_the_papers_recipe_with_psd_at_sigma_02_and_400_steps():
     paper, default = tiny_pipeline(paper=True), tiny_pipeline()
     assert paper.target == default.target and paper.proxy == default.proxy
-    assert default.ddd == dataclasses.replace(paper.ddd, psd=True, train=dataclasses.replace(paper.ddd.train, steps=200))
+    assert default.ddd == dataclasses.replace(paper.ddd, psd=True, sigma=0.2,
+                                              train=dataclasses.replace(paper.ddd.train, steps=400))
     assert not paper.ddd.psd and paper.ddd.train.steps == 80  # what `epikern train drafts` and the sweep start from
     assert tiny_pipeline(quick=True).ddd.train.steps == tiny_pipeline(quick=True, paper=True).ddd.train.steps
