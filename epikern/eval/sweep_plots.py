@@ -61,7 +61,8 @@ def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: 
         if value is not None and np.isfinite(value):
             ax.axhline(value, color=color, linestyle=style, linewidth=1.1, label=f"{text}: {value:.3g}")
     oracle_by_k = oracle_by_k or {}
-    ks = [k for k, o in oracle_by_k.items() if o.get(metric) is not None and np.isfinite(o[metric])]
+    ks = [k for k, o in sorted(oracle_by_k.items(), key=lambda item: int(item[0]))  # JSON sorts "16" < "2"
+          if o.get(metric) is not None and np.isfinite(o[metric])]
     if ks:  # the ceiling of K drafts: K posterior samples of the ground truth's own family
         ax.plot([oracle_by_k[k]["flops_vs_tokur"] for k in ks], [oracle_by_k[k][metric] for k in ks],
                 color="tab:purple", marker="x", linewidth=1, label=f"oracle drafts, K = {ks[0]}…{ks[-1]}")

@@ -51,8 +51,10 @@ def format_sweep(sweep: Mapping) -> str:
         rows.append([f"ground truth split-half (σ={sigma})"] + [cells.get(c, "–") for c in ref_cols])
     parts.append("## References\n\n" + _table(["method"] + [COLUMNS[c][0] for c in ref_cols], rows))
     if sweep.get("oracle_by_k"):
-        k_cols = ["rmse", "rmse_calibrated", "pearson", "jsd_pearson", "spearman", "auroc_lr", "prr", "flops_vs_tokur"]
-        rows = [[k] + [_cell(o.get(c), COLUMNS[c][1]) for c in k_cols] for k, o in sweep["oracle_by_k"].items()]
+        k_cols = ["rmse", "rmse_calibrated", "pearson", "jsd_pearson", "spearman", "auroc_lr", "auroc_lr_with_entropy",
+                  "prr", "flops_vs_tokur"]
+        by_k = sorted(sweep["oracle_by_k"].items(), key=lambda item: int(item[0]))  # JSON sorts "16" before "2"
+        rows = [[k] + [_cell(o.get(c), COLUMNS[c][1]) for c in k_cols] for k, o in by_k]
         parts.append("## Oracle drafts against K (σ = 0.1): the ceiling of K drafts\n\n"
                      + _table(["K"] + [COLUMNS[c][0] for c in k_cols], rows))
     cols = list(COLUMNS)

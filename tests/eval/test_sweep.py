@@ -58,11 +58,24 @@ def test_every_point_is_scored_and_written(first):
     assert list(by_k) == ["1", "2"] and by_k["1"]["jsd_pearson"] is None  # one member: no variance term
     assert by_k["2"]["rmse"] == refs["oracle_drafts"]["rmse"]  # K = 2, same seed: the references' oracle itself
     assert by_k["1"]["flops_vs_tokur"] < by_k["2"]["flops_vs_tokur"] < 1
-    assert "## Oracle drafts against K" in (sweep.Path(cfg.out) / "sweep.md").read_text()
     md = (sweep.Path(cfg.out) / "sweep.md").read_text()
     assert "| PSD 1x4 | variants |" in md and "split-half" in md
     for title, path in saved["plots"].items():
         assert (sweep.Path(cfg.out) / path).read_bytes().startswith(PNG), title
+    assert "## Oracle drafts against K" in md
+
+
+def test_oracle_by_k_is_reported_in_numeric_order():
+    from epikern.eval.sweep_report import format_sweep
+
+    by_k = {str(k): {"rmse": 1.0 / k, "pearson": 0.1 * k} for k in (16, 2, 9)}  # as json.load gives sort_keys' order
+    md = format_sweep({"machine": {}, "evaluation": {"problems": 1, "ground_truth_samples": 2}, "wall_s": 0,
+                       "target": {"layers": 1, "heldout_accuracy": 0.5}, "trained": [], "scored": [],
+                       "references": {}, "oracle_by_k": by_k, "points": []})
+    table = md.split("## Oracle drafts against K")[1].split("## Points")[0]
+    rows = [line.split("|")[1].strip() for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| K")]
+    assert rows == ["2", "9", "16"]
 
 
 def test_a_second_run_trains_and_scores_nothing(first, monkeypatch):
