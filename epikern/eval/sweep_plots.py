@@ -48,7 +48,7 @@ def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: 
     cost = [r.get("flops_vs_tokur", np.nan) for r in rows]
     values = [np.nan if r.get(metric) is None else r[metric] for r in rows]
     front = pareto_front(cost, values, higher)
-    fig, ax = plt.subplots(figsize=(8.5, 5.5))
+    fig, ax = plt.subplots(figsize=(9.5, 6.5))
     for group, marker in GROUP_MARKERS.items():
         idx = [i for i, r in enumerate(rows) if r["group"] == group]
         if idx:
@@ -90,7 +90,7 @@ def _quality_plot(path: Path, rows: list[Mapping], references: Mapping, metric: 
 
 def _name_points(ax, cost: Sequence[float], values: Sequence[float], names: Sequence[str], front: Sequence[int]):
     """Label every point; the labels of points at one cost (many recipes share an architecture) are
-    stacked 9 px apart, top to bottom in the points' order, with a leader line when moved."""
+    stacked 9 px apart in the points' order and centred on them, with a leader line when moved."""
     ax.figure.canvas.draw()  # fixes the limits: data → pixels is final from here
     points_per_px = 72 / ax.figure.dpi
     columns: dict[float, list[int]] = {}
@@ -98,16 +98,18 @@ def _name_points(ax, cost: Sequence[float], values: Sequence[float], names: Sequ
         if np.isfinite(c) and np.isfinite(v):
             columns.setdefault(round(float(np.log10(c)), 2), []).append(i)
     for column in columns.values():
-        below = np.inf  # pixel y grows upwards: each label goes at most at the previous one minus 9 px
-        for i in sorted(column, key=lambda i: -values[i]):
-            py = ax.transData.transform((cost[i], values[i]))[1]
-            y = min(py + 3, below - 9)
-            below = y
+        order = sorted(column, key=lambda i: -values[i])
+        at = np.array([ax.transData.transform((cost[i], values[i]))[1] for i in order])  # pixel y grows upwards
+        y = at.copy()
+        for j in range(1, len(y)):
+            y[j] = min(y[j], y[j - 1] - 9)
+        y += np.mean(at) - np.mean(y)  # the stack centred on its points, not hanging below the top one
+        for i, py, ly in zip(order, at, y):
             on = i in front
-            ax.annotate(names[i], (cost[i], values[i]), xytext=(9, (y - py) * points_per_px),
+            ax.annotate(names[i], (cost[i], values[i]), xytext=(9, (ly - py) * points_per_px),
                         textcoords="offset points", va="center", fontsize=7.5 if on else 6,
                         color="tab:red" if on else "0.35",
-                        arrowprops=dict(arrowstyle="-", color="0.7", linewidth=0.5) if py - y > 6 else None)
+                        arrowprops=dict(arrowstyle="-", color="0.7", linewidth=0.5) if abs(py - ly) > 6 else None)
 
 
 def _split_plot(path: Path, rows: list[Mapping], truth_mean: float) -> str:
