@@ -8,7 +8,7 @@ Every point is a drafts recipe (:class:`~epikern.training.config.DraftsRecipe`):
 drafts`` and scored on the target's own held-out answers (``heldout.jsonl``: its greedy responses,
 graded), against the ground truth (TokUR's perturbation ensemble, M = 32, its own seed):
 
-    capacity    branch layers n = 1 … L − S at S = 1; trunk S ∈ {0, 2, 4}; DDD 2×2, 400 steps
+    capacity    branch layers n = 1 … L − 1 at S = 1; trunk S ∈ {0, 2, 4}; DDD 2×2, 400 steps
     steps       80 … 1600 distillation steps (S = 1, n = 1, DDD 2×2)
     diversity   K ∈ {1, 2, 4, 6, 9} and a×b ∈ {1×4 IDD, 2×2, 4×1, 2×3, 3×3}
     variants    layer-skip drafts, posterior-sample distillation (PSD), more responses per prompt
@@ -80,8 +80,7 @@ def grid(num_layers: int, quick: bool = False) -> list[SweepPoint]:
     long = {"steps": 400}
     points = [P("default (80 steps)", "steps", {})]
     points += [P(f"{s} steps", "steps", {"steps": s}) for s in (200, 400, 800, 1600)]
-    points += [P(f"S1 n{n}", "capacity", {"branch_layers": n, **long}) for n in (2, 3, num_layers - 1)
-               if 1 < n < num_layers]
+    points += [P(f"S1 n{n}", "capacity", {"branch_layers": n, **long}) for n in range(2, num_layers)]
     points += [P(f"S{s} n1", "capacity", {"shared_layers": s, **long}) for s in (0, 2, 4) if s + 1 <= num_layers]
     if num_layers >= 6:
         points.append(P("S4 n2", "capacity", {"shared_layers": 4, "branch_layers": 2, **long}))
