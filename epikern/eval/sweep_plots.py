@@ -147,7 +147,7 @@ def plot_sweep(out, sweep: Mapping) -> dict[str, str]:
     if rows:
         for metric in QUALITY:
             plotted[f"Sweep: {metric} against FLOPs ÷ TokUR"] = _quality_plot(
-                out / f"sweep_{metric}.png", rows, references, metric, sweep.get("oracle_by_k", {}))
+                out / f"sweep_{metric}.png", rows, references, metric, sweep.get("oracle_by_k"))
         truth_mean = references.get("ground_truth", {}).get("mean", np.nan)
         plotted["Sweep: jsd/kl split per point"] = _split_plot(out / "sweep_split.png", rows, truth_mean)
     return {title: os.path.relpath(path, out) for title, path in plotted.items()}
